@@ -1,0 +1,22 @@
+"""arsq-lightning: auto-regressive soft Q-learning (ARSQ) over coarse-to-fine discretised actions, on Lightning.
+
+The building blocks compose in user code; see the README's "Compose your own" section.
+"""
+
+from arsq_lightning.critic import ARSQCritic, soft_advantages
+from arsq_lightning.data import CollectAndSample, OnlineDataModule
+from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
+from arsq_lightning.encoders import FlattenEncoder, MLPEncoder
+from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
+from arsq_lightning.errors import ConfigError
+from arsq_lightning.heads import AutoregressiveHead
+from arsq_lightning.loss import ARSQLoss, conservative_penalty
+from arsq_lightning.module import ARSQModule
+from arsq_lightning.policy import ARSQActor, make_actor
+
+__version__ = "0.1.0"
+__all__ = [
+    "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CoarseToFineDiscretizer",
+    "CollectAndSample", "ConfigError", "Discretizer", "EnvSpec", "FlattenEncoder", "MLPEncoder", "OnlineDataModule",
+    "conservative_penalty", "env_spec_of", "make_actor", "make_env", "soft_advantages",
+]

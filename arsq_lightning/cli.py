@@ -1,0 +1,113 @@
+"""``arsq`` command line: LightningCLI over :class:`ARSQModule` and :class:`OnlineDataModule`.
+
+* ``parser_mode="omegaconf+"``: configs may interpolate (use relative keys such as ``${..data.batch_size}``) and
+  command-line overrides re-resolve them.
+* ``data.env_spec`` is linked into ``model.env_spec`` at instantiation: sizes come from the env, not the YAML.
+* MLflow is the default logger, on a local SQLite store (``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``);
+  the resolved config is logged as an artifact, checkpoints at the end of ``fit``.
+* Bad settings raise :class:`~arsq_lightning.errors.ConfigError`, printed as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from arsq_lightning.data import OnlineDataModule
+from arsq_lightning.errors import ConfigError
+from arsq_lightning.module import ARSQModule
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Store the fully resolved config as ``config.yaml`` in the MLflow run (instead of a file in the log dir)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                text = self.parser.dump(self.config, skip_none=False)
+                logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+class ArsqCLI(LightningCLI):
+    """LightningCLI with the project's links, defaults and end-of-run summary."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--num_threads", type=int, default=1,
+                            help="torch CPU threads per process (1 is fastest when an env runs beside the learner)")
+        parser.link_arguments("data.env_spec", "model.env_spec", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "eval/return_mean", "checkpoint.mode": "max",
+                             "checkpoint.save_last": True, "checkpoint.save_top_k": 1})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        torch.set_num_threads(max(1, config.num_threads))
+
+    def after_fit(self) -> None:
+        model = self.model
+        if model.last_eval_step != self.trainer.global_step and not self.trainer.interrupted:
+            self.trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        self._print_summary("eval")
+
+    def after_validate(self) -> None:
+        self._print_summary("eval")
+
+    def after_test(self) -> None:
+        self._print_summary("test")
+
+    @rank_zero_only
+    def _print_summary(self, prefix: str) -> None:
+        metrics = self.trainer.callback_metrics
+        mean, std = metrics.get(f"{prefix}/return_mean"), metrics.get(f"{prefix}/return_std")
+        lines = []
+        if mean is not None:
+            lines.append(f"final {prefix} return: {float(mean):.1f} ± {float(std):.1f} "
+                         f"over {int(metrics[f'{prefix}/episodes'])} deterministic episodes")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                lines.append(f"MLflow run {logger.run_id} (experiment '{logger._experiment_name}') "
+                             f"in {logger._tracking_uri}")
+                lines.append(f"open it with: mlflow ui --backend-store-uri {logger._tracking_uri}")
+        print("\n".join(lines), flush=True)
+
+
+def _trainer_defaults() -> dict:
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    return {
+        "logger": {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+                   "init_args": {"experiment_name": "arsq", "tracking_uri": tracking_uri, "log_model": True}},
+        "default_root_dir": "runs",
+        "num_sanity_val_steps": 0,
+        "check_val_every_n_epoch": None,
+        "val_check_interval": 5000,
+        "max_steps": 100_000,
+    }
+
+
+def build_cli(args: list[str] | None = None, *, run: bool = True) -> ArsqCLI:
+    """Parse ``args`` (``None``: ``sys.argv``), instantiate, and run the subcommand unless ``run`` is false."""
+    return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run,
+                   parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=MLflowSaveConfig,
+                   save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+                   trainer_defaults=_trainer_defaults())
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message."""
+    try:
+        build_cli(args)
+    except ConfigError as err:
+        print(f"arsq: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

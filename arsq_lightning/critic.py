@@ -1,0 +1,106 @@
+"""The ARSQ critic: encoder + discretizer + twin soft-Q head + target copy (ALGORITHM.md §3).
+
+``Q_k(s, a) = V_k(s) + sum_i A_k,i(s, a_<i, a_i)`` with ``A = z - alpha * logsumexp(z / alpha)`` over bins (§3.1),
+so ``exp(A_i / alpha)`` is the policy's conditional at position ``i`` and ``V`` is the exact soft value.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from arsq_lightning.discretizers import Discretizer
+from arsq_lightning.errors import require
+
+
+def soft_advantages(logits: Tensor, alpha: float) -> Tensor:
+    """Normalise logits over the last (bin) axis: ``z - alpha * logsumexp(z / alpha)``, so ``sum exp(A / alpha) = 1``."""
+    return logits - alpha * torch.logsumexp(logits / alpha, dim=-1, keepdim=True)
+
+
+class ARSQCritic(nn.Module):
+    """Twin auto-regressive soft-Q critic with target networks.
+
+    Args:
+        encoder: ``obs [B, ...] -> features [B, F]``, with an ``out_dim`` attribute.
+        discretizer: maps env actions to codes ``[B, L, D]`` and builds conditioning vectors.
+        head: e.g. :class:`~arsq_lightning.heads.AutoregressiveHead`, with ``value`` / ``advantage_logits`` /
+            ``position_logits``.
+
+    Keyword Args:
+        soft_alpha: ``alpha_s``, temperature normalising advantages in training (> 0).
+        act_alpha: ``alpha_a``, temperature when acting; ``None`` uses ``soft_alpha`` (as every official config).
+        act_network: ``online`` (official D4RL) or ``target`` (official RLBench) networks select actions (§3.4).
+    """
+
+    def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *, soft_alpha: float = 0.01,
+                 act_alpha: float | None = None, act_network: Literal["online", "target"] = "online"):
+        super().__init__()
+        act_alpha = soft_alpha if act_alpha is None else act_alpha
+        require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
+        require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
+        require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
+        self.encoder, self.discretizer, self.head = encoder, discretizer, head
+        self.target_head = copy.deepcopy(head).requires_grad_(False)
+        self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser trains: encoder and online head (never the target copy)."""
+        return [*self.encoder.parameters(), *self.head.parameters()]
+
+    def evaluate(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Q of dataset actions with teacher forcing, all positions in one call.
+
+        Args:
+            obs: ``[B, ...]`` observations.
+            action: ``[B, D]`` env-space actions.
+
+        Returns:
+            ``q [C, B]``, soft advantages ``[C, B, N, K]`` and the action's codes ``[B, N]`` (level-major).
+        """
+        features = self.encoder(obs)
+        codes = self.discretizer.encode(action)  # [B, L, D]
+        logits = self.head.advantage_logits(features, self.discretizer.conditioning(codes))
+        adv = soft_advantages(logits, self.soft_alpha)
+        flat_codes = codes.flatten(-2)  # position i = l * D + d
+        index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
+        q = self.head.value(features) + adv.gather(-1, index).squeeze(-1).sum(-1)
+        return q, adv, flat_codes
+
+    @torch.no_grad()
+    def target_value(self, obs: Tensor) -> Tensor:
+        """``min_k V̄_k(s)`` with the online encoder and the target head: ``[B, ...] -> [B]``."""
+        return self.target_head.value(self.encoder(obs)).min(0).values
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, *, deterministic: bool, generator: torch.Generator | None = None) -> Tensor:
+        """Decode an action position by position (§3.4): ``[B, ...] -> [B, D]`` env-space actions.
+
+        At each position the ``act_alpha``-normalised logits of the critics are combined by an element-wise
+        minimum; ``deterministic`` takes the argmax (first index on ties), otherwise a bin is sampled from
+        ``softmax(min / act_alpha)``.
+        """
+        disc = self.discretizer
+        head = self.target_head if self.act_network == "target" else self.head
+        features = self.encoder(obs)
+        prefix = torch.zeros(features.shape[0], disc.action_dim, dtype=torch.float64, device=features.device)
+        for lvl in range(disc.levels):
+            for dim in range(disc.action_dim):
+                cond = disc.midpoint(prefix, disc.depth[lvl, dim].expand_as(prefix))
+                logits = head.position_logits(features, cond, lvl * disc.action_dim + dim)
+                adv = soft_advantages(logits, self.act_alpha).min(0).values  # [B, K]
+                if deterministic:
+                    choice = adv.argmax(-1)
+                else:
+                    choice = torch.multinomial(torch.softmax(adv / self.act_alpha, -1), 1, generator=generator)[:, 0]
+                prefix[:, dim] = prefix[:, dim] * disc.bins + choice
+        depth = torch.full_like(prefix, disc.levels, dtype=torch.long)
+        return disc.from_unit(disc.midpoint(prefix, depth))
+
+    @torch.no_grad()
+    def polyak(self, tau: float) -> None:
+        """``target <- tau * online + (1 - tau) * target`` for every head parameter (§3.3 step 7)."""
+        torch._foreach_lerp_(list(self.target_head.parameters()), list(self.head.parameters()), tau)

@@ -1,0 +1,188 @@
+"""Online data: a TorchRL env, a ``Collector`` driven by the current policy and a tensordict replay buffer.
+
+:class:`CollectAndSample` interleaves collection and sampling so that the number of gradient updates follows
+``utd_ratio`` updates per env frame after ``learning_starts`` frames (the first ``init_random_frames`` are uniform
+random actions). Lightning iterates it as an endless training dataloader; ``trainer.max_steps`` ends the run.
+Evaluation episodes are the validation / test "batches": each item is an episode index, run deterministically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from tensordict import TensorDictBase
+from torch.utils.data import DataLoader, IterableDataset
+from torchrl.collectors import Collector
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
+from arsq_lightning.errors import require
+from arsq_lightning.policy import make_actor
+
+TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"),
+                   ("next", "truncated"), ("next", "done"))
+
+
+def _as_is(item):
+    return item
+
+
+class CollectAndSample(IterableDataset):
+    """Endless stream of replay batches; collects from the env whenever updates are not owed (see module doc)."""
+
+    def __init__(self, data: OnlineDataModule):
+        self.data = data
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        data = self.data
+        while True:
+            while data.updates_owed() <= 0:
+                data.collect()
+            data.updates_done += 1
+            yield data.buffer.sample()
+
+
+class OnlineDataModule(L.LightningDataModule):
+    """Env, collector, replay buffer and evaluation episodes for online training on a gymnasium task.
+
+    Args:
+        env_id: gymnasium id (``Pendulum-v1``, ``Hopper-v5``, ...).
+
+    Keyword Args:
+        seed: base seed; rank ``r`` uses ``seed + 1000 * r`` for its env, buffer sampling and exploration.
+        max_episode_steps: time limit (``None`` keeps gymnasium's).
+        env_kwargs: extra ``gymnasium.make`` arguments.
+        frames_per_batch: env frames per collector iteration.
+        init_random_frames: uniformly random frames before the policy acts.
+        learning_starts: frames before the first update (``None``: ``max(init_random_frames, batch_size)``).
+        utd_ratio: gradient updates per env frame.
+        batch_size: transitions per update.
+        buffer_size: replay capacity (transitions).
+        eval_episodes: deterministic episodes per validation / test run.
+        eval_seed: episode ``k`` of an evaluation resets with seed ``eval_seed + k``.
+        eval_max_steps: cap on one evaluation episode's length.
+    """
+
+    def __init__(self, env_id: str = "Pendulum-v1", *, seed: int = 0, max_episode_steps: int | None = None,
+                 env_kwargs: dict | None = None, frames_per_batch: int = 1, init_random_frames: int = 1000,
+                 learning_starts: int | None = None, utd_ratio: float = 1.0, batch_size: int = 256,
+                 buffer_size: int = 1_000_000, eval_episodes: int = 10, eval_seed: int = 1_000_000,
+                 eval_max_steps: int = 100_000):
+        super().__init__()
+        for name, value in (("frames_per_batch", frames_per_batch), ("batch_size", batch_size),
+                            ("buffer_size", buffer_size), ("eval_episodes", eval_episodes)):
+            require(value >= 1, f"data.{name} must be >= 1, got {value}")
+        require(utd_ratio > 0, f"data.utd_ratio must be positive, got {utd_ratio}")
+        require(init_random_frames >= 0, f"data.init_random_frames must be >= 0, got {init_random_frames}")
+        self.save_hyperparameters()
+        self.env_kwargs = dict(env_kwargs or {})
+        if max_episode_steps is not None:
+            self.env_kwargs["max_episode_steps"] = max_episode_steps
+        self.env_spec: EnvSpec = env_spec_of(env_id, **self.env_kwargs)
+        self.learning_starts = max(init_random_frames, batch_size) if learning_starts is None else learning_starts
+        require(self.learning_starts >= 1, f"data.learning_starts must be >= 1, got {self.learning_starts}")
+        self.frames, self.updates_done = 0, 0
+        self.episode_returns: deque[float] = deque(maxlen=20)
+        self.rank_seed = seed
+        self.buffer: TensorDictReplayBuffer | None = None
+        self._collector: Collector | None = None
+        self._eval_env = None
+        self._pending_buffer_state: dict | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.rank_seed = self.hparams.seed + 1000 * rank
+
+    def make_env(self, seed: int):
+        """A fresh env of this module's task (see :func:`arsq_lightning.envs.make_env`)."""
+        return make_env(self.hparams.env_id, seed=seed, **self.env_kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.buffer is None:
+            self._build_buffer()
+        if self._collector is None:
+            critic = self.trainer.lightning_module.critic
+            actor = make_actor(critic, torch.Generator().manual_seed(self.rank_seed))
+            self._collector = Collector(self.make_env(self.rank_seed), actor,
+                                        frames_per_batch=self.hparams.frames_per_batch, total_frames=-1,
+                                        init_random_frames=max(0, self.hparams.init_random_frames - self.frames),
+                                        exploration_type=ExplorationType.RANDOM, track_traj_ids=False)
+            self._collector_iter = iter(self._collector)
+            self._started = time.perf_counter()
+        return DataLoader(CollectAndSample(self), batch_size=None, collate_fn=_as_is, num_workers=0)
+
+    def teardown(self, stage: str) -> None:
+        if self._collector is not None and stage == "fit":
+            self._collector.shutdown()
+            self._collector = None
+
+    def _build_buffer(self) -> None:
+        generator = torch.Generator().manual_seed(self.rank_seed)
+        self.buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(self.hparams.buffer_size),
+                                             batch_size=self.hparams.batch_size, generator=generator)
+        if self._pending_buffer_state is not None:
+            self._restore_buffer(self._pending_buffer_state)
+            self._pending_buffer_state = None
+
+    # --- collection -----------------------------------------------------------------------------------------------
+    def updates_owed(self) -> int:
+        """Updates due now: ``floor((frames - learning_starts) * utd_ratio) - updates_done`` (<= 0: collect)."""
+        if self.frames < self.learning_starts or len(self.buffer) < self.hparams.batch_size:
+            return 0
+        return int((self.frames - self.learning_starts) * self.hparams.utd_ratio) + 1 - self.updates_done
+
+    def collect(self) -> None:
+        """Step the collector once, store the transitions, record finished episodes' returns."""
+        batch = next(self._collector_iter).reshape(-1)
+        self.buffer.extend(batch.select(*TRANSITION_KEYS))
+        self.frames += batch.numel()
+        done = batch["next", "done"].reshape(-1)
+        if done.any():
+            self.episode_returns.extend(batch["next", "episode_reward"].reshape(-1)[done].tolist())
+
+    # --- evaluation -----------------------------------------------------------------------------------------------
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(list(range(self.hparams.eval_episodes)), batch_size=None, collate_fn=_as_is)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    @torch.no_grad()
+    def evaluate_episode(self, critic, episode: int) -> tuple[float, int]:
+        """Run one deterministic episode with ``critic`` acting; returns (undiscounted return, length)."""
+        if self._eval_env is None:
+            self._eval_env = self.make_env(self.hparams.eval_seed)
+        self._eval_env.set_seed(self.hparams.eval_seed + episode)
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            rollout = self._eval_env.rollout(self.hparams.eval_max_steps, make_actor(critic), break_when_any_done=True)
+        return float(rollout["next", "reward"].sum()), rollout.numel()
+
+    # --- checkpointing --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Counters, recent returns and this rank's replay contents (only the filled part), stored in the checkpoint."""
+        state = {"frames": self.frames, "updates_done": self.updates_done, "episode_returns": list(self.episode_returns)}
+        if self.buffer is not None and len(self.buffer) > 0:
+            state["buffer"] = {"data": self.buffer.storage[: len(self.buffer)].clone(),
+                               "writer": self.buffer._writer.state_dict(),
+                               "rng": self.buffer._rng.get_state()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.frames, self.updates_done = state["frames"], state["updates_done"]
+        self.episode_returns.extend(state.get("episode_returns", []))
+        if "buffer" in state:
+            if self.buffer is None:
+                self._pending_buffer_state = state["buffer"]
+            else:
+                self._restore_buffer(state["buffer"])
+
+    def _restore_buffer(self, saved: dict) -> None:
+        self.buffer.extend(saved["data"])
+        self.buffer._writer.load_state_dict(saved["writer"])
+        self.buffer._rng.set_state(saved["rng"])

@@ -1,0 +1,83 @@
+"""ARSQ's critic networks: soft value ``V(s)`` and auto-regressive advantage logits (ALGORITHM.md §3.2).
+
+:class:`AutoregressiveHead` holds ``C`` critics (twins by default) and evaluates all of them, and all ``N = L * D``
+positions, in one batched call. Position ``i`` is read from the output slot ``i mod qchunk`` of advantage MLP
+``i // qchunk`` applied to ``(features, m_i)``; with the default ``qchunk = -1`` (= ``N``) one trunk with ``N``
+output slots serves every position, with ``qchunk = 1`` each position has its own MLP.
+
+Shapes: ``F`` feature dim, ``D`` action dims, ``N`` positions, ``K`` bins, ``C`` critics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from arsq_lightning.errors import require
+from arsq_lightning.layers import EnsembleLinear, EnsembleMLP, orthogonal_
+
+
+class AutoregressiveHead(nn.Module):
+    """Twin soft-Q critic networks over a level-major action sequence.
+
+    Args:
+        feature_dim: ``F``, encoder output size.
+        action_dim: ``D``.
+        levels: ``L``.
+        bins: ``K``.
+
+    Keyword Args:
+        hidden_dims: MLP widths (official D4RL: three layers of 512).
+        activation: hidden activation (official D4RL: ``tanh``).
+        qchunk: positions per advantage MLP; ``-1`` means all ``N`` (one shared trunk). Must divide ``N``.
+        num_critics: ``C``; 2 gives the twin critics of §3.
+        out_gain: orthogonal-init gain of the output layers (official: 0.01).
+    """
+
+    def __init__(self, feature_dim: int, action_dim: int, levels: int, bins: int, *,
+                 hidden_dims: Sequence[int] = (512, 512, 512), activation: str = "tanh", qchunk: int = -1,
+                 num_critics: int = 2, out_gain: float = 0.01):
+        super().__init__()
+        positions = levels * action_dim
+        chunk = positions if qchunk == -1 else qchunk
+        require(chunk >= 1 and positions % chunk == 0,
+                f"qchunk={qchunk} must be -1 or divide N = levels * action_dim = {positions}")
+        require(num_critics >= 1, f"num_critics must be >= 1, got {num_critics}")
+        require(len(hidden_dims) >= 1, "hidden_dims needs at least one layer")
+        self.action_dim, self.bins, self.num_critics = action_dim, bins, num_critics
+        self.num_positions, self.chunk, self.num_chunks = positions, chunk, positions // chunk
+        members = num_critics * self.num_chunks  # member e = critic * num_chunks + chunk
+        self.value_trunk = EnsembleMLP(num_critics, feature_dim, hidden_dims, activation)
+        self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], 1, gain=out_gain)
+        self.adv_trunk = EnsembleMLP(members, feature_dim + action_dim, hidden_dims, activation)
+        flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * bins), out_gain)
+        self.adv_weight = nn.Parameter(flat.view(members, hidden_dims[-1], chunk, bins))  # [E, H, slot, K]
+        self.adv_bias = nn.Parameter(torch.zeros(members, chunk, bins))
+
+    def value(self, features: Tensor) -> Tensor:
+        """Soft state values of every critic: ``[B, F] -> [C, B]``."""
+        x = features.unsqueeze(0).expand(self.num_critics, *features.shape)
+        return self.value_out(self.value_trunk(x)).squeeze(-1)
+
+    def advantage_logits(self, features: Tensor, cond: Tensor) -> Tensor:
+        """Raw logits of all positions at once (teacher forcing): ``[B, F], [B, N, D] -> [C, B, N, K]``."""
+        batch, n = features.shape[0], self.num_positions
+        x = torch.cat([features.unsqueeze(1).expand(batch, n, features.shape[-1]), cond], dim=-1)
+        x = x.view(batch, self.num_chunks, self.chunk, -1).transpose(0, 1).reshape(self.num_chunks, -1, x.shape[-1])
+        x = x.repeat(self.num_critics, 1, 1)  # [E, B * chunk, F + D]
+        h = self.adv_trunk(x).view(x.shape[0], batch, self.chunk, -1)  # [E, B, slot, H]
+        out = torch.einsum("ebsh,ehsk->ebsk", h, self.adv_weight) + self.adv_bias.unsqueeze(1)
+        out = out.view(self.num_critics, self.num_chunks, batch, self.chunk, self.bins).transpose(1, 2)
+        return out.reshape(self.num_critics, batch, n, self.bins)
+
+    def position_logits(self, features: Tensor, cond: Tensor, position: int) -> Tensor:
+        """Raw logits of one position (acting): ``[B, F], [B, D] -> [C, B, K]``."""
+        chunk_index, slot = divmod(position, self.chunk)
+        members = slice(chunk_index, None, self.num_chunks)
+        x = torch.cat([features, cond], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
+        for layer in self.adv_trunk.layers:
+            x = self.adv_trunk.act(torch.baddbmm(layer.bias[members], x, layer.weight[members]))
+        bias = self.adv_bias[members, slot].unsqueeze(1)
+        return torch.baddbmm(bias, x, self.adv_weight[members, :, slot])

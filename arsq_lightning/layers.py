@@ -1,0 +1,67 @@
+"""Ensembles of independent MLPs evaluated with one batched matmul per layer.
+
+ARSQ has two twin critics and, with ``qchunk < N``, several advantage MLPs per twin (ALGORITHM.md §3.2). Stacking
+their weights as ``[E, in, out]`` and running ``torch.baddbmm`` evaluates all ``E`` members in one call, which is
+what makes a training update and batch-1 acting fast. Initialisation follows the D4RL networks (§3.2): orthogonal
+hidden weights with gain sqrt(2), zero biases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU}
+
+
+def orthogonal_(weight: Tensor, gain: float) -> Tensor:
+    """Orthogonal init of every member of an ensemble weight ``[E, in, out]`` (as ``nn.Linear`` would ``[out, in]``)."""
+    with torch.no_grad():
+        for member in weight:
+            nn.init.orthogonal_(member.T, gain=gain)
+    return weight
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent affine maps: ``[E, M, in] -> [E, M, out]``.
+
+    Args:
+        members: ``E``.
+        in_features: input width.
+        out_features: output width.
+        gain: orthogonal-init gain.
+    """
+
+    def __init__(self, members: int, in_features: int, out_features: int, *, gain: float = math.sqrt(2.0)):
+        super().__init__()
+        self.weight = nn.Parameter(orthogonal_(torch.empty(members, in_features, out_features), gain))
+        self.bias = nn.Parameter(torch.zeros(members, 1, out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleMLP(nn.Module):
+    """A stack of :class:`EnsembleLinear` layers, each followed by the activation: ``[E, M, in] -> [E, M, H]``.
+
+    Args:
+        members: ``E``.
+        in_features: input width.
+        hidden_dims: widths of the hidden layers (at least one).
+        activation: one of ``tanh``, ``relu``, ``silu``, ``elu``.
+    """
+
+    def __init__(self, members: int, in_features: int, hidden_dims: Sequence[int], activation: str = "tanh"):
+        super().__init__()
+        widths = [in_features, *hidden_dims]
+        self.layers = nn.ModuleList(EnsembleLinear(members, i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.act = ACTIVATIONS[activation]()
+        self.out_features = widths[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return x

@@ -1,0 +1,103 @@
+"""ARSQ's training loss: soft Bellman regression plus the demo-only conservative term (ALGORITHM.md §3.3).
+
+``y = r + gamma * (1 - terminated) * min_k V̄_k(s')`` (truncation is not termination: only TorchRL's
+``("next", "terminated")`` stops bootstrapping), ``L_TD = sum_k mean_b (Q_k - y)^2``. The conservative term pushes
+the data bin's advantage above the others on demo-flagged samples, in the ``cql`` or ``margin`` form.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+
+from arsq_lightning.critic import ARSQCritic
+from arsq_lightning.errors import require
+
+Conservative = Literal["none", "cql", "margin"]
+DemoReduction = Literal["demo_mean", "batch_mean", "sum_all"]
+
+
+def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: Conservative,
+                         temperature: float, clip_min: float, clip_max: float, reduction: DemoReduction) -> Tensor:
+    """Per-critic conservative term (§3.3 step 5).
+
+    Args:
+        adv: soft advantages ``[C, B, N, K]``.
+        codes: dataset bins ``[B, N]``.
+        demo: demo flags ``[B]`` (bool or 0/1).
+        variant: ``cql`` (soft max over the other bins) or ``margin`` (mean over the other bins).
+        temperature: ``cql_temp``.
+        clip_min, clip_max: clip of each per-position difference (``clip_min = -m`` is a hinge with margin ``m``).
+        reduction: how samples are reduced: ``demo_mean`` (sum over demos / number of demos; correct, default),
+            ``batch_mean`` (sum over demos / batch size; official RLBench), ``sum_all`` (sum over the whole batch,
+            demo or not; the official D4RL ``margin`` broadcasting bug, §8.5).
+
+    Returns:
+        ``[C]``; zero when the batch holds no demo.
+    """
+    data = adv.gather(-1, codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1))  # [C, B, N, 1]
+    others = torch.ones_like(adv, dtype=torch.bool).scatter(-1, codes.unsqueeze(0).unsqueeze(-1).expand_as(data), False)
+    if variant == "cql":
+        soft_max = temperature * torch.logsumexp((adv / temperature).masked_fill(~others, float("-inf")), dim=-1)
+        per_sample = (soft_max - data.squeeze(-1)).clamp(clip_min, clip_max).sum(-1)  # [C, B]
+    else:
+        diff = (adv - data).clamp(clip_min, clip_max) * others
+        per_sample = diff.sum(dim=(-1, -2)) / (adv.shape[-1] - 1)
+    demo = demo.to(adv.dtype).reshape(-1)
+    any_demo = (demo.sum() > 0).to(adv.dtype)
+    if reduction == "sum_all":
+        return per_sample.sum(-1) * any_demo
+    if reduction == "batch_mean":
+        return (per_sample * demo).sum(-1) / demo.numel()
+    return (per_sample * demo).sum(-1) / demo.sum().clamp(min=1.0)
+
+
+class ARSQLoss(nn.Module):
+    """Soft Bellman + conservative loss of one batch.
+
+    Keyword Args:
+        gamma: discount.
+        td_weight: ``lambda_TD`` (``bellman_loss_coef``).
+        conservative: ``none``, ``cql`` or ``margin``; applied only to samples with ``demo`` true.
+        conservative_weight: ``lambda_c`` (``cql_min_q_weight``).
+        clip_min, clip_max: ``cql_clip_diff_min`` / ``_max``.
+        cql_temperature: ``cql_temp`` of the ``cql`` variant.
+        demo_reduction: see :func:`conservative_penalty`.
+        demo_key: batch key of the demo flag; a batch without it has no demos.
+
+    The batch is a TensorDict in TorchRL's layout: ``observation``, ``action``, ``("next", "observation")``,
+    ``("next", "reward")``, ``("next", "terminated")`` and optionally ``demo``.
+    """
+
+    def __init__(self, *, gamma: float = 0.99, td_weight: float = 1.0, conservative: Conservative = "none",
+                 conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
+                 cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo"):
+        super().__init__()
+        require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
+        require(cql_temperature > 0, f"cql_temperature must be positive, got {cql_temperature}")
+        require(clip_min <= clip_max, f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
+        require(conservative in ("none", "cql", "margin"), f"unknown conservative variant {conservative!r}")
+        require(demo_reduction in ("demo_mean", "batch_mean", "sum_all"), f"unknown demo_reduction {demo_reduction!r}")
+        self.gamma, self.td_weight, self.conservative = gamma, td_weight, conservative
+        self.conservative_weight, self.clip_min, self.clip_max = conservative_weight, clip_min, clip_max
+        self.cql_temperature, self.demo_reduction, self.demo_key = cql_temperature, demo_reduction, demo_key
+
+    def forward(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
+        """Returns ``loss`` (to minimise) and detached diagnostics ``loss_td``, ``loss_conservative``, ``q``,
+        ``target``."""
+        q, adv, codes = critic.evaluate(batch["observation"], batch["action"])
+        reward = batch["next", "reward"].reshape(-1).to(q.dtype)
+        not_terminal = 1.0 - batch["next", "terminated"].reshape(-1).to(q.dtype)
+        target = reward + self.gamma * not_terminal * critic.target_value(batch["next", "observation"])
+        loss_td = self.td_weight * (q - target).pow(2).mean(-1).sum()
+        loss_conservative = torch.zeros((), device=q.device)
+        if self.conservative != "none" and self.demo_key in batch.keys():
+            penalty = conservative_penalty(adv, codes, batch[self.demo_key], variant=self.conservative,
+                                           temperature=self.cql_temperature, clip_min=self.clip_min,
+                                           clip_max=self.clip_max, reduction=self.demo_reduction)
+            loss_conservative = self.conservative_weight * penalty.sum()
+        return {"loss": loss_td + loss_conservative, "loss_td": loss_td.detach(),
+                "loss_conservative": loss_conservative.detach(), "q": q.detach().mean(), "target": target.mean()}

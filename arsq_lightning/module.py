@@ -1,0 +1,144 @@
+"""The LightningModule: batch -> ARSQ loss -> optimiser step -> Polyak update -> logs (ALGORITHM.md §3.3, §3.5).
+
+Pluggable parts arrive as factories, so a config names a class and its own options while the sizes come from the
+environment (``env_spec``, linked by the CLI from the data module):
+``encoder(obs_dim)``, ``discretizer(action_low, action_high)``, ``head(feature_dim, action_dim, levels, bins)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+
+from arsq_lightning.critic import ARSQCritic
+from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
+from arsq_lightning.encoders import FlattenEncoder
+from arsq_lightning.envs import EnvSpec
+from arsq_lightning.errors import ConfigError
+from arsq_lightning.heads import AutoregressiveHead
+from arsq_lightning.loss import ARSQLoss
+
+EncoderFactory = Callable[[int], nn.Module]
+DiscretizerFactory = Callable[[list, list], Discretizer]
+HeadFactory = Callable[[int, int, int, int], nn.Module]
+
+
+def _adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=3e-4)
+
+
+class ARSQModule(L.LightningModule):
+    """ARSQ as a LightningModule.
+
+    Args:
+        env_spec: observation size and action bounds (linked from the data module by the CLI).
+
+    Keyword Args:
+        encoder: ``obs_dim -> module`` (default :class:`FlattenEncoder`).
+        discretizer: ``(low, high) -> discretizer`` (default :class:`CoarseToFineDiscretizer`, 3 levels x 5 bins).
+        head: ``(feature_dim, action_dim, levels, bins) -> head`` (default :class:`AutoregressiveHead`).
+        soft_alpha: training temperature ``alpha_s``.
+        act_alpha: acting temperature ``alpha_a`` (``None``: same as ``soft_alpha``).
+        act_network: ``online`` or ``target`` networks act.
+        loss: the loss (default :class:`ARSQLoss` with no conservative term).
+        optimizer: ``params -> optimizer`` (default Adam, lr 3e-4, as official D4RL).
+        tau: Polyak rate of the target networks.
+    """
+
+    def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
+                 discretizer: DiscretizerFactory = CoarseToFineDiscretizer, head: HeadFactory = AutoregressiveHead,
+                 soft_alpha: float = 0.01, act_alpha: float | None = None,
+                 act_network: Literal["online", "target"] = "online", loss: ARSQLoss | None = None,
+                 optimizer: OptimizerCallable = _adam, tau: float = 0.005):
+        super().__init__()
+        if env_spec is None:
+            raise ConfigError("model.env_spec is missing: pass the env's sizes (the CLI links them from data)")
+        if not 0.0 < tau <= 1.0:
+            raise ConfigError(f"model.tau must lie in (0, 1], got {tau}")
+        self.save_hyperparameters()
+        enc = encoder(env_spec.obs_dim)
+        disc = discretizer(list(env_spec.action_low), list(env_spec.action_high))
+        self.critic = ARSQCritic(enc, disc, head(enc.out_dim, disc.action_dim, disc.levels, disc.bins),
+                                 soft_alpha=soft_alpha, act_alpha=act_alpha, act_network=act_network)
+        self.loss_fn = loss if loss is not None else ARSQLoss()
+        self.optimizer_factory = optimizer
+        self.tau = tau
+        self.register_buffer("grad_updates", torch.zeros((), dtype=torch.long))
+        self._eval_results: list[tuple[float, float, float]] = []
+        self.last_eval_step = -1
+        self._clock: tuple[float, int, int] | None = None
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, *, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Env-space actions ``[B, D]`` for observations ``[B, obs_dim]``."""
+        return self.critic.act(obs, deterministic=deterministic, generator=generator)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.critic.online_parameters())
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
+        out = self.loss_fn(self.critic, batch)
+        size = batch.shape[0]
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=size, prog_bar=False)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.critic.polyak(self.tau)
+        self.grad_updates += 1
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._log_counters()
+
+    def _log_counters(self) -> None:
+        data = self.trainer.datamodule
+        frames = getattr(data, "frames", 0)
+        updates = int(self.grad_updates)
+        now = time.perf_counter()
+        metrics = {"train/env_frames": float(frames), "train/grad_updates": float(updates)}
+        if self._clock is not None:
+            elapsed = max(now - self._clock[0], 1e-9)
+            metrics["time/fps"] = (frames - self._clock[1]) / elapsed
+            metrics["time/updates_per_s"] = (updates - self._clock[2]) / elapsed
+        returns = getattr(data, "episode_returns", None)
+        if returns:
+            metrics["train/episode_return"] = sum(returns) / len(returns)
+        self._clock = (now, frames, updates)
+        self.log_dict(metrics, prog_bar=False, batch_size=1)
+
+    # --- evaluation (validation / test loops run one deterministic episode per item) -------------------------------
+    def validation_step(self, episode: int, batch_idx: int) -> None:
+        episode_return, length = self.trainer.datamodule.evaluate_episode(self.critic, int(episode))
+        self._eval_results.append((float(episode), episode_return, float(length)))
+
+    def test_step(self, episode: int, batch_idx: int) -> None:
+        self.validation_step(episode, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("eval")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
+        local = torch.tensor(self._eval_results or [(-1.0, 0.0, 0.0)], dtype=torch.float64, device=self.device)
+        self._eval_results = []
+        gathered = self.all_gather(local).reshape(-1, 3)  # every rank's (episode, return, length)
+        by_episode = {int(e): (r, n) for e, r, n in gathered.tolist() if e >= 0}  # the sampler may repeat episodes
+        returns = torch.tensor([r for r, _ in by_episode.values()], dtype=torch.float64)
+        lengths = torch.tensor([n for _, n in by_episode.values()], dtype=torch.float64)
+        frames = float(getattr(self.trainer.datamodule, "frames", 0))
+        self.log_dict({f"{prefix}/return_mean": returns.mean().float(),
+                       f"{prefix}/return_std": returns.std(unbiased=False).float(),
+                       f"{prefix}/episode_length": lengths.mean().float(),
+                       f"{prefix}/episodes": float(returns.numel()), f"{prefix}/env_frames": frames},
+                      prog_bar=False, batch_size=1, rank_zero_only=True)
+        self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, rank_zero_only=True,
+                 logger=False)
+        self.last_eval_step = self.trainer.global_step

@@ -1,0 +1,45 @@
+"""A TorchRL-compatible actor over an :class:`~arsq_lightning.critic.ARSQCritic`.
+
+The collector and the evaluation rollouts call it with TensorDicts. It samples from the Boltzmann policy when
+TorchRL's exploration type is ``RANDOM`` (what collectors set) and takes the argmax otherwise (e.g. under
+``set_exploration_type(ExplorationType.DETERMINISTIC)`` or outside any context).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict.nn import TensorDictModule
+from torch import Tensor, nn
+from torchrl.envs.utils import ExplorationType, exploration_type
+
+from arsq_lightning.critic import ARSQCritic
+
+
+class ARSQActor(nn.Module):
+    """``observation [B, obs_dim] -> action [B, D]`` on the observation's device.
+
+    Args:
+        critic: the critic that selects actions (shared, not copied: training updates are seen at once).
+        generator: RNG for stochastic acting (one per rank, so ranks explore differently).
+    """
+
+    def __init__(self, critic: ARSQCritic, generator: torch.Generator | None = None):
+        super().__init__()
+        self.critic = critic
+        self.generator = generator
+
+    def forward(self, observation: Tensor) -> Tensor:
+        device = self.critic.discretizer.low.device
+        squeeze = observation.dim() == 1
+        obs = observation.unsqueeze(0) if squeeze else observation
+        if self.generator is not None and self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.generator.initial_seed())
+        action = self.critic.act(obs.to(device), deterministic=exploration_type() != ExplorationType.RANDOM,
+                                 generator=self.generator)
+        action = action.to(observation.device)
+        return action.squeeze(0) if squeeze else action
+
+
+def make_actor(critic: ARSQCritic, generator: torch.Generator | None = None) -> TensorDictModule:
+    """Wrap :class:`ARSQActor` to read ``observation`` and write ``action``."""
+    return TensorDictModule(ARSQActor(critic, generator), in_keys=["observation"], out_keys=["action"])
