@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -44,18 +45,32 @@ class ArsqCLI(LightningCLI):
                             help="torch CPU threads per process (1 is fastest when an env runs beside the learner)")
         parser.link_arguments("data.env_spec", "model.env_spec", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "eval/return_mean", "checkpoint.mode": "max",
-                             "checkpoint.save_last": True, "checkpoint.save_top_k": 1})
+        # Keep the newest checkpoint of every evaluation (Lightning 2.6 refreshes last.ckpt only when a top-k
+        # checkpoint is written, so monitoring the return would leave last.ckpt stale).
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
 
     def after_fit(self) -> None:
-        model = self.model
-        if model.last_eval_step != self.trainer.global_step and not self.trainer.interrupted:
-            self.trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        """Evaluate (and checkpoint) the final weights if the last in-fit evaluation came before the last update."""
+        trainer = self.trainer
+        if self.model.last_eval_step != trainer.global_step and not trainer.interrupted:
+            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self._save_final_checkpoint()
         self._print_summary("eval")
+
+    def _save_final_checkpoint(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            return
+        path = os.path.join(callback.dirpath, "last.ckpt")
+        self.trainer.save_checkpoint(path)
+        callback.last_model_path = path
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and logger._log_model and self.trainer.is_global_zero:
+                logger.experiment.log_artifact(logger.run_id, path, "last")
 
     def after_validate(self) -> None:
         self._print_summary("eval")
@@ -95,7 +110,7 @@ def _trainer_defaults() -> dict:
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> ArsqCLI:
     """Parse ``args`` (``None``: ``sys.argv``), instantiate, and run the subcommand unless ``run`` is false."""
     return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run,
-                   parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=MLflowSaveConfig,
+                   parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False}, save_config_callback=MLflowSaveConfig,
                    save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
                    trainer_defaults=_trainer_defaults())
 
@@ -104,8 +119,9 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message."""
     try:
         build_cli(args)
-    except ConfigError as err:
+    except (ConfigError, argparse.ArgumentError) as err:
         print(f"arsq: error: {err}", file=sys.stderr)
+        print("arsq: see `arsq --help` or `arsq fit --help` for the accepted options", file=sys.stderr)
         sys.exit(2)
 
 

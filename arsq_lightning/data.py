@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
@@ -168,7 +168,7 @@ class OnlineDataModule(L.LightningDataModule):
         """Counters, recent returns and this rank's replay contents (only the filled part), stored in the checkpoint."""
         state = {"frames": self.frames, "updates_done": self.updates_done, "episode_returns": list(self.episode_returns)}
         if self.buffer is not None and len(self.buffer) > 0:
-            state["buffer"] = {"data": self.buffer.storage[: len(self.buffer)].clone(),
+            state["buffer"] = {"data": self.buffer.storage[: len(self.buffer)].to_dict(),
                                "writer": self.buffer._writer.state_dict(),
                                "rng": self.buffer._rng.get_state()}
         return state
@@ -183,6 +183,6 @@ class OnlineDataModule(L.LightningDataModule):
                 self._restore_buffer(state["buffer"])
 
     def _restore_buffer(self, saved: dict) -> None:
-        self.buffer.extend(saved["data"])
+        self.buffer.extend(TensorDict(saved["data"], batch_size=[len(next(iter(saved["data"].values())))]))
         self.buffer._writer.load_state_dict(saved["writer"])
         self.buffer._rng.set_state(saved["rng"])

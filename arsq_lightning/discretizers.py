@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from arsq_lightning.errors import require
 
-# A value within this many finest-grid cells below a bin boundary counts as on the boundary (goes to the upper bin),
-# so that boundaries that are not exactly representable in floating point still encode the way §2.2 says.
-_BOUNDARY_TOLERANCE = 1e-6
+# A value within a few rounding errors (of the input's dtype) below a bin boundary counts as on the boundary and goes
+# to the upper bin, so boundaries that are not exactly representable (e.g. -0.6 in float32) encode as §2.2 says.
+_BOUNDARY_ULPS = 4
 
 
 class Discretizer(nn.Module):
@@ -106,7 +106,9 @@ class CoarseToFineDiscretizer(Discretizer):
         """
         unit = self.to_unit(action.to(torch.float64)).clamp(-1.0, 1.0)
         cells = self.powers[-1]
-        index = torch.floor((unit + 1.0) * 0.5 * cells + _BOUNDARY_TOLERANCE).clamp(0, cells - 1)  # [..., D]
+        eps = torch.finfo(action.dtype if action.is_floating_point() else torch.float32).eps
+        tolerance = _BOUNDARY_ULPS * eps * cells  # in finest cells
+        index = torch.floor((unit + 1.0) * 0.5 * cells + tolerance).clamp(0, cells - 1)  # [..., D]
         place = self.powers[:-1].flip(0).unsqueeze(-1)  # [L, 1]: K**(L-1-l)
         digits = torch.div(index.unsqueeze(-2), place, rounding_mode="floor") % self.bins
         return digits.long()

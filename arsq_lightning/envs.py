@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
+import torch
 from torchrl.envs import Compose, DoubleToFloat, GymEnv, RewardSum, StepCounter, TransformedEnv
 
 from arsq_lightning.errors import ConfigError
@@ -27,6 +28,10 @@ class EnvSpec:
     @property
     def action_dim(self) -> int:
         return len(self.action_low)
+
+
+# Checkpoints store the spec among the module's hyperparameters; allow it under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([EnvSpec])
 
 
 def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None, **env_kwargs) -> TransformedEnv:

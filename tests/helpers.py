@@ -1,0 +1,33 @@
+"""Shared settings for the end-to-end tests: tiny runs of the shipped configs with MLflow in a temp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+# A few dozen updates on short episodes with a tiny network: exercises every hook in seconds.
+TINY = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "5", "--data.init_random_frames", "40", "--data.batch_size", "16",
+        "--data.eval_episodes", "2", "--data.max_episode_steps", "30", "--model.head.init_args.hidden_dims", "[16]"]
+
+
+def use_tmp_mlflow(monkeypatch, tmp_path: Path) -> str:
+    """Run in ``tmp_path`` with MLflow's store there; returns the tracking URI."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def only_run(uri: str):
+    """The single MLflow run of experiment ``arsq`` in ``uri``."""
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("arsq")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, f"expected one run, found {len(runs)}"
+    return client, runs[0]

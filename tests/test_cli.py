@@ -1,0 +1,113 @@
+"""The ``arsq`` command line: configs instantiate, fit logs to MLflow, checkpoints evaluate, bad input fails cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arsq_lightning import ARSQModule, AutoregressiveHead, OnlineDataModule
+from arsq_lightning.cli import build_cli, main
+from helpers import CONFIGS, QUICKSTART, TINY, only_run, use_tmp_mlflow
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["--config", str(config)], run=False)
+    assert isinstance(cli.model, ARSQModule) and isinstance(cli.datamodule, OnlineDataModule)
+    spec, disc = cli.datamodule.env_spec, cli.model.critic.discretizer
+    assert disc.action_dim == spec.action_dim  # sizes linked from the env, not typed in YAML
+    assert torch.equal(disc.low, torch.tensor(spec.action_low, dtype=torch.float32))
+    assert isinstance(cli.model.critic.head, AutoregressiveHead)
+    assert cli.model.critic.head.num_positions == disc.levels * spec.action_dim
+
+
+def test_help_lists_pluggable_parts(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model.discretizer", "--model.head", "--model.encoder", "--model.loss", "--data.utd_ratio"):
+        assert option in text
+
+
+@pytest.mark.parametrize("steps", [30, 25], ids=["ends-on-eval", "final-eval-after-fit"])
+def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(steps, monkeypatch, tmp_path, capsys):
+    uri = use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", str(steps)])
+    assert cli.trainer.global_step == steps and int(cli.model.grad_updates) == steps
+    assert cli.model.last_eval_step == steps  # the final weights were evaluated
+    assert cli.datamodule.frames >= 40 + steps  # warm-up frames plus one frame per update (utd 1)
+    client, run = only_run(uri)
+    for key in ("eval/return_mean", "eval/return_std", "eval/episode_length", "train/loss", "train/env_frames",
+                "train/grad_updates", "time/fps", "time/updates_per_s"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["eval/episodes"] == 2
+    assert run.data.params["soft_alpha"] == "0.01"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "last" in artifacts
+    assert any(a.path.endswith(".ckpt") for a in client.list_artifacts(run.info.run_id, "last"))
+    out = capsys.readouterr().out
+    assert "final eval return" in out and run.info.run_id in out
+
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    final_return = run.data.metrics["eval/return_mean"]
+    validate = build_cli(["validate", "--config", str(QUICKSTART), *TINY, "--ckpt_path", ckpt])
+    assert validate.trainer.callback_metrics["eval/return_mean"].item() == pytest.approx(final_return, rel=1e-6)
+    test = build_cli(["test", "--config", str(QUICKSTART), *TINY, "--ckpt_path", ckpt])
+    assert test.trainer.callback_metrics["test/return_mean"].item() == pytest.approx(final_return, rel=1e-6)
+
+
+def test_checkpoint_reload_gives_identical_deterministic_actions(monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["fit", "--config", str(QUICKSTART), *TINY])
+    reloaded = ARSQModule.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
+    obs = torch.randn(64, 3) * 3
+    trained = cli.model.act(obs, deterministic=True)
+    assert torch.equal(reloaded.act(obs, deterministic=True), trained)
+    fresh = build_cli(["--config", str(QUICKSTART), *TINY], run=False).model
+    assert not torch.equal(fresh.act(obs, deterministic=True), trained)  # the comparison can fail
+
+
+def test_resume_restores_counters_and_replay_buffer(monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    first = build_cli(["fit", "--config", str(QUICKSTART), *TINY])
+    saved_frames, saved_len = first.datamodule.frames, len(first.datamodule.buffer)
+    ckpt = first.trainer.checkpoint_callback.last_model_path
+    resumed = build_cli(["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "45", "--ckpt_path", ckpt])
+    data = resumed.datamodule
+    assert int(resumed.model.grad_updates) == 45 and data.updates_done >= 45
+    # counting goes on from the checkpoint: the restored buffer plus at least one new frame per new update
+    assert data.frames >= saved_frames + 15 and len(data.buffer) >= saved_len + 15
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--data.env_id", "NoSuchEnv-v0"], "unknown env id 'NoSuchEnv-v0'"),
+    (["--model.head.init_args.qchunk", "2"], "qchunk=2 must be -1 or divide N"),
+    (["--model.discretizer.init_args.levels", "0"], "levels must be >= 1"),
+    (["--model.discretizer.init_args.bins", "1"], "bins must be >= 2"),
+    (["--model.soft_alpha", "0"], "soft_alpha must be positive"),
+    (["--model.act_alpha", "-1"], "act_alpha must be positive"),
+    (["--model.no_such_key", "1"], "no_such_key"),
+    (["--data.utd_ratio", "0"], "utd_ratio must be positive"),
+])
+def test_bad_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), *TINY, *override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
+    assert len(first) == 1 and message in first[0], err
+
+
+def test_bad_yaml_key_fails_with_one_line(monkeypatch, tmp_path, capsys):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  soft_alpah: 0.1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), "--config", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "soft_alpah" in err.splitlines()[0]
