@@ -8,7 +8,6 @@ Evaluation episodes are the validation / test "batches": each item is an episode
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -112,9 +111,9 @@ class OnlineDataModule(L.LightningDataModule):
             self._collector = Collector(self.make_env(self.rank_seed), actor,
                                         frames_per_batch=self.hparams.frames_per_batch, total_frames=-1,
                                         init_random_frames=max(0, self.hparams.init_random_frames - self.frames),
-                                        exploration_type=ExplorationType.RANDOM, track_traj_ids=False)
+                                        exploration_type=ExplorationType.RANDOM, track_traj_ids=False,
+                                        auto_register_policy_transforms=False)
             self._collector_iter = iter(self._collector)
-            self._started = time.perf_counter()
         return DataLoader(CollectAndSample(self), batch_size=None, collate_fn=_as_is, num_workers=0)
 
     def teardown(self, stage: str) -> None:

@@ -84,6 +84,11 @@ class CoarseToFineDiscretizer(Discretizer):
         self.register_buffer("high", high_t)
         # Powers bins**l for l = 0..L, used for prefixes (float64: exact up to 2**53).
         self.register_buffer("powers", torch.tensor([float(bins) ** p for p in range(levels + 1)], dtype=torch.float64))
+        # The midpoint after n levels of interval j is j * scale[n] + offset[n] (float64).
+        self._scale = [2.0 / float(bins) ** n for n in range(levels + 1)]
+        self._offset = [1.0 / float(bins) ** n - 1.0 for n in range(levels + 1)]
+        self.register_buffer("mid_scale", torch.tensor(self._scale, dtype=torch.float64), persistent=False)
+        self.register_buffer("mid_offset", torch.tensor(self._offset, dtype=torch.float64), persistent=False)
         # depth[l, d, d'] = how many levels of dim d' are decided before position (l, d) (level-major order, §2.3).
         lvl = torch.arange(levels).view(levels, 1, 1)
         earlier_dim = torch.ones(self.action_dim, self.action_dim).tril(-1).bool().unsqueeze(0)  # d' < d
@@ -127,17 +132,20 @@ class CoarseToFineDiscretizer(Discretizer):
             steps.append(steps[-1] * self.bins + value[..., lvl, :])
         return torch.stack(steps, dim=-2)
 
-    def midpoint(self, prefix: Tensor, depth: Tensor) -> Tensor:
+    def midpoint(self, prefix: Tensor, depth: Tensor | int) -> Tensor:
         """Unit-space midpoint of the interval with index ``prefix`` after ``depth`` levels (0 when depth is 0).
 
         Args:
             prefix: interval index, float64 or long, any shape.
-            depth: number of levels decided, long, same shape.
+            depth: number of levels decided: a long tensor of the same shape, or one int for all.
 
         Returns:
-            float32 midpoints ``-1 + (2 * prefix + 1) / K**depth``.
+            float32 midpoints ``-1 + (2 * prefix + 1) / K**depth``, computed as ``prefix * scale + offset`` in float64
+            (the same operations for a tensor or an int depth, so acting and training agree bit for bit).
         """
-        return (-1.0 + (2.0 * prefix.to(torch.float64) + 1.0) / self.powers[depth]).float()
+        if isinstance(depth, int):
+            return (prefix.to(torch.float64) * self._scale[depth] + self._offset[depth]).float()
+        return (prefix.to(torch.float64) * self.mid_scale[depth] + self.mid_offset[depth]).float()
 
     def conditioning(self, codes: Tensor) -> Tensor:
         """Codes ``[..., L, D]`` -> conditioning vectors ``[..., N, D]`` in level-major order (§2.3).

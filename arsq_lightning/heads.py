@@ -52,9 +52,10 @@ class AutoregressiveHead(nn.Module):
         self.value_trunk = EnsembleMLP(num_critics, feature_dim, hidden_dims, activation)
         self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], 1, gain=out_gain)
         self.adv_trunk = EnsembleMLP(members, feature_dim + action_dim, hidden_dims, activation)
-        flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * bins), out_gain)
-        self.adv_weight = nn.Parameter(flat.view(members, hidden_dims[-1], chunk, bins))  # [E, H, slot, K]
-        self.adv_bias = nn.Parameter(torch.zeros(members, chunk, bins))
+        flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * bins), out_gain)  # one [H, S*K] per member
+        self.adv_weight = nn.Parameter(flat.view(members, -1, chunk, bins).transpose(1, 2).contiguous())  # [E, S, H, K]
+        self.adv_bias = nn.Parameter(torch.zeros(members, chunk, bins))  # [E, S, K]
+        self.feature_dim = feature_dim
 
     def value(self, features: Tensor) -> Tensor:
         """Soft state values of every critic: ``[B, F] -> [C, B]``."""
@@ -62,22 +63,48 @@ class AutoregressiveHead(nn.Module):
         return self.value_out(self.value_trunk(x)).squeeze(-1)
 
     def advantage_logits(self, features: Tensor, cond: Tensor) -> Tensor:
-        """Raw logits of all positions at once (teacher forcing): ``[B, F], [B, N, D] -> [C, B, N, K]``."""
-        batch, n = features.shape[0], self.num_positions
+        """Raw logits of all positions at once (teacher forcing): ``[B, F], [B, N, D] -> [C, B, N, K]``.
+
+        Rows are laid out slot-major (``[E, S * B, F + D]``) so the output layer is one batched matmul over
+        ``E * S`` (member, slot) pairs, each reading only its own slot's weights.
+        """
+        batch, n, slots = features.shape[0], self.num_positions, self.chunk
         x = torch.cat([features.unsqueeze(1).expand(batch, n, features.shape[-1]), cond], dim=-1)
-        x = x.view(batch, self.num_chunks, self.chunk, -1).transpose(0, 1).reshape(self.num_chunks, -1, x.shape[-1])
-        x = x.repeat(self.num_critics, 1, 1)  # [E, B * chunk, F + D]
-        h = self.adv_trunk(x).view(x.shape[0], batch, self.chunk, -1)  # [E, B, slot, H]
-        out = torch.einsum("ebsh,ehsk->ebsk", h, self.adv_weight) + self.adv_bias.unsqueeze(1)
-        out = out.view(self.num_critics, self.num_chunks, batch, self.chunk, self.bins).transpose(1, 2)
+        x = x.view(batch, self.num_chunks, slots, -1).permute(1, 2, 0, 3).reshape(self.num_chunks, slots * batch, -1)
+        h = self.adv_trunk(x.repeat(self.num_critics, 1, 1))  # [E, S * B, H]
+        members = h.shape[0]
+        out = torch.baddbmm(self.adv_bias.view(members * slots, 1, self.bins), h.view(members * slots, batch, -1),
+                            self.adv_weight.view(members * slots, -1, self.bins))  # [E * S, B, K]
+        out = out.view(self.num_critics, self.num_chunks, slots, batch, self.bins).permute(0, 3, 1, 2, 4)
         return out.reshape(self.num_critics, batch, n, self.bins)
 
-    def position_logits(self, features: Tensor, cond: Tensor, position: int) -> Tensor:
-        """Raw logits of one position (acting): ``[B, F], [B, D] -> [C, B, K]``."""
+    def acting_cache(self, features: Tensor) -> dict:
+        """Per-call work shared by all positions when acting: the features' part of every first layer and the
+        per-chunk weight views (so the position loop does no slicing)."""
+        first = self.adv_trunk.layers[0]
+        x = features.unsqueeze(0).expand(first.weight.shape[0], *features.shape)
+        first_part = torch.baddbmm(first.bias, x, first.weight[:, : self.feature_dim])  # [E, B, H]
+        chunks = []
+        for c in range(self.num_chunks):
+            members = slice(c, None, self.num_chunks)
+            chunks.append({"first": first_part[members], "cond_weight": first.weight[members, self.feature_dim:],
+                           "hidden": [(layer.bias[members], layer.weight[members])
+                                      for layer in self.adv_trunk.layers[1:]],
+                           "out": [(self.adv_bias[members, slot].unsqueeze(1), self.adv_weight[members, slot])
+                                   for slot in range(self.chunk)]})
+        return {"chunks": chunks}
+
+    def position_logits(self, features: Tensor, cond: Tensor, position: int, cache: dict | None = None) -> Tensor:
+        """Raw logits of one position (acting): ``[B, F], [B, D] -> [C, B, K]``.
+
+        ``cache`` (from :meth:`acting_cache` on the same features) saves the per-call work.
+        """
+        cache = self.acting_cache(features) if cache is None else cache
         chunk_index, slot = divmod(position, self.chunk)
-        members = slice(chunk_index, None, self.num_chunks)
-        x = torch.cat([features, cond], dim=-1).unsqueeze(0).expand(self.num_critics, -1, -1)
-        for layer in self.adv_trunk.layers:
-            x = self.adv_trunk.act(torch.baddbmm(layer.bias[members], x, layer.weight[members]))
-        bias = self.adv_bias[members, slot].unsqueeze(1)
-        return torch.baddbmm(bias, x, self.adv_weight[members, :, slot])
+        weights = cache["chunks"][chunk_index]
+        act = self.adv_trunk.act
+        x = act(torch.baddbmm(weights["first"], cond.expand(self.num_critics, *cond.shape), weights["cond_weight"]))
+        for bias, weight in weights["hidden"]:
+            x = act(torch.baddbmm(bias, x, weight))
+        out_bias, out_weight = weights["out"][slot]
+        return torch.baddbmm(out_bias, x, out_weight)

@@ -50,13 +50,14 @@ class ARSQModule(L.LightningModule):
         loss: the loss (default :class:`ARSQLoss` with no conservative term).
         optimizer: ``params -> optimizer`` (default Adam, lr 3e-4, as official D4RL).
         tau: Polyak rate of the target networks.
+        compile_act: compile the position-by-position acting loop with ``torch.compile`` (see ``ARSQCritic``).
     """
 
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
                  discretizer: DiscretizerFactory = CoarseToFineDiscretizer, head: HeadFactory = AutoregressiveHead,
                  soft_alpha: float = 0.01, act_alpha: float | None = None,
                  act_network: Literal["online", "target"] = "online", loss: ARSQLoss | None = None,
-                 optimizer: OptimizerCallable = _adam, tau: float = 0.005):
+                 optimizer: OptimizerCallable = _adam, tau: float = 0.005, compile_act: bool = False):
         super().__init__()
         if env_spec is None:
             raise ConfigError("model.env_spec is missing: pass the env's sizes (the CLI links them from data)")
@@ -66,7 +67,8 @@ class ARSQModule(L.LightningModule):
         enc = encoder(env_spec.obs_dim)
         disc = discretizer(list(env_spec.action_low), list(env_spec.action_high))
         self.critic = ARSQCritic(enc, disc, head(enc.out_dim, disc.action_dim, disc.levels, disc.bins),
-                                 soft_alpha=soft_alpha, act_alpha=act_alpha, act_network=act_network)
+                                 soft_alpha=soft_alpha, act_alpha=act_alpha, act_network=act_network,
+                                 compile_act=compile_act)
         self.loss_fn = loss if loss is not None else ARSQLoss()
         self.optimizer_factory = optimizer
         self.tau = tau

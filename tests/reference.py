@@ -26,7 +26,7 @@ def advantage_mlp(head, critic: int, position: int) -> list[tuple[Tensor, Tensor
     chunk, slot = divmod(position, head.chunk)
     e = critic * head.num_chunks + chunk
     layers = [(layer.weight[e], layer.bias[e, 0]) for layer in head.adv_trunk.layers]
-    return layers + [(head.adv_weight[e, :, slot], head.adv_bias[e, slot])]
+    return layers + [(head.adv_weight[e, slot], head.adv_bias[e, slot])]
 
 
 def value_mlp(head, critic: int) -> list[tuple[Tensor, Tensor]]:

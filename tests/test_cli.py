@@ -7,7 +7,7 @@ import torch
 
 from arsq_lightning import ARSQModule, AutoregressiveHead, OnlineDataModule
 from arsq_lightning.cli import build_cli, main
-from helpers import CONFIGS, QUICKSTART, TINY, only_run, use_tmp_mlflow
+from helpers import CONFIGS, QUICKSTART, REPO, TINY, only_run, use_tmp_mlflow
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -20,6 +20,14 @@ def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     assert torch.equal(disc.low, torch.tensor(spec.action_low, dtype=torch.float32))
     assert isinstance(cli.model.critic.head, AutoregressiveHead)
     assert cli.model.critic.head.num_positions == disc.levels * spec.action_dim
+
+
+def test_hopper_config_trains_a_few_updates(monkeypatch, tmp_path):
+    """The multi-dimensional MuJoCo config runs end to end (collector, updates, evaluation) with tiny sizes."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["fit", "--config", str(REPO / "configs" / "hopper.yaml"), *TINY, "--model.compile_act", "false"])
+    assert cli.trainer.global_step == 30 and cli.datamodule.env_spec.action_dim == 3
+    assert cli.trainer.callback_metrics["eval/episodes"].item() == 2
 
 
 def test_help_lists_pluggable_parts(capsys):

@@ -29,5 +29,6 @@ def test_short_pendulum_run_beats_random_policy(monkeypatch, tmp_path):
     cli = build_cli(["fit", "--config", str(QUICKSTART), *SHORT_RUN])
     learned = cli.trainer.callback_metrics["eval/return_mean"].item()
     random = random_policy_returns(cli.datamodule, cli.datamodule.hparams.eval_episodes).mean().item()
+    print(f"learned {learned:.0f}, random {random:.0f}")
     assert random < -900, f"random policy unexpectedly good: {random:.0f}"
     assert learned > random + 500, f"learned {learned:.0f} vs random {random:.0f}"
