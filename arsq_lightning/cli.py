@@ -110,7 +110,8 @@ def _trainer_defaults() -> dict:
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> ArsqCLI:
     """Parse ``args`` (``None``: ``sys.argv``), instantiate, and run the subcommand unless ``run`` is false."""
     return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run,
-                   parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False}, save_config_callback=MLflowSaveConfig,
+                   parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+                   save_config_callback=MLflowSaveConfig,
                    save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
                    trainer_defaults=_trainer_defaults())
 

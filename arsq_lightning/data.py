@@ -77,6 +77,7 @@ class OnlineDataModule(L.LightningDataModule):
                             ("buffer_size", buffer_size), ("eval_episodes", eval_episodes)):
             require(value >= 1, f"data.{name} must be >= 1, got {value}")
         require(utd_ratio > 0, f"data.utd_ratio must be positive, got {utd_ratio}")
+        require(buffer_size >= batch_size, f"data.buffer_size ({buffer_size}) must hold a batch ({batch_size})")
         require(init_random_frames >= 0, f"data.init_random_frames must be >= 0, got {init_random_frames}")
         self.save_hyperparameters()
         self.env_kwargs = dict(env_kwargs or {})
@@ -86,6 +87,8 @@ class OnlineDataModule(L.LightningDataModule):
         self.learning_starts = max(init_random_frames, batch_size) if learning_starts is None else learning_starts
         require(self.learning_starts >= 1, f"data.learning_starts must be >= 1, got {self.learning_starts}")
         self.frames, self.updates_done = 0, 0
+        # Where this rank's own collection started: non-zero after a resume on ranks other than 0 (see load_state_dict).
+        self._frames_origin, self._updates_origin = 0, 0
         self.episode_returns: deque[float] = deque(maxlen=20)
         self.rank_seed = seed
         self.buffer: TensorDictReplayBuffer | None = None
@@ -95,8 +98,12 @@ class OnlineDataModule(L.LightningDataModule):
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.rank_seed = self.hparams.seed + 1000 * rank
+        self.rank_seed = self.hparams.seed + 1000 * self._rank()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            torch.manual_seed(self.rank_seed)  # the collector's random warm-up actions come from the global RNG
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
 
     def make_env(self, seed: int):
         """A fresh env of this module's task (see :func:`arsq_lightning.envs.make_env`)."""
@@ -120,6 +127,9 @@ class OnlineDataModule(L.LightningDataModule):
         if self._collector is not None and stage == "fit":
             self._collector.shutdown()
             self._collector = None
+        if self._eval_env is not None:
+            self._eval_env.close()
+            self._eval_env = None
 
     def _build_buffer(self) -> None:
         generator = torch.Generator().manual_seed(self.rank_seed)
@@ -131,10 +141,16 @@ class OnlineDataModule(L.LightningDataModule):
 
     # --- collection -----------------------------------------------------------------------------------------------
     def updates_owed(self) -> int:
-        """Updates due now: ``floor((frames - learning_starts) * utd_ratio) - updates_done`` (<= 0: collect)."""
-        if self.frames < self.learning_starts or len(self.buffer) < self.hparams.batch_size:
+        """Updates due now (<= 0: collect first): ``floor((frames - learning_starts) * utd_ratio) + 1 - updates``.
+
+        The first update happens once ``learning_starts`` frames are in the buffer; frames and updates count from
+        this rank's own start of collection.
+        """
+        frames = self.frames - self._frames_origin
+        if frames < self.learning_starts or len(self.buffer) < self.hparams.batch_size:
             return 0
-        return int((self.frames - self.learning_starts) * self.hparams.utd_ratio) + 1 - self.updates_done
+        updates = self.updates_done - self._updates_origin
+        return int((frames - self.learning_starts) * self.hparams.utd_ratio) + 1 - updates
 
     def collect(self) -> None:
         """Step the collector once, store the transitions, record finished episodes' returns."""
@@ -164,24 +180,32 @@ class OnlineDataModule(L.LightningDataModule):
 
     # --- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Counters, recent returns and this rank's replay contents (only the filled part), stored in the checkpoint."""
-        state = {"frames": self.frames, "updates_done": self.updates_done, "episode_returns": list(self.episode_returns)}
-        if self.buffer is not None and len(self.buffer) > 0:
-            state["buffer"] = {"data": self.buffer.storage[: len(self.buffer)].to_dict(),
-                               "writer": self.buffer._writer.state_dict(),
-                               "rng": self.buffer._rng.get_state()}
+        """Counters, recent returns and the filled part of the replay buffer, stored in the checkpoint.
+
+        Lightning writes rank 0's state only; see :meth:`load_state_dict` for the other ranks.
+        """
+        state = {"frames": self.frames, "updates_done": self.updates_done,
+                 "episode_returns": list(self.episode_returns)}
+        if self.buffer is not None and len(self.buffer) > 0 and self._rank() == 0:
+            filled = len(self.buffer)
+            state["buffer"] = {"data": self.buffer.storage[:filled].clone().to_dict(), "length": filled,
+                               "writer": self.buffer._writer.state_dict(), "rng": self.buffer._rng.get_state()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore counters; rank 0 also restores the buffer (when fitting), other ranks start collecting afresh."""
         self.frames, self.updates_done = state["frames"], state["updates_done"]
         self.episode_returns.extend(state.get("episode_returns", []))
-        if "buffer" in state:
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if self._rank() != 0:
+            self._frames_origin, self._updates_origin = self.frames, self.updates_done  # a new warm-up
+        elif "buffer" in state and fitting:
             if self.buffer is None:
                 self._pending_buffer_state = state["buffer"]
             else:
                 self._restore_buffer(state["buffer"])
 
     def _restore_buffer(self, saved: dict) -> None:
-        self.buffer.extend(TensorDict(saved["data"], batch_size=[len(next(iter(saved["data"].values())))]))
+        self.buffer.extend(TensorDict(saved["data"], batch_size=[saved["length"]]))
         self.buffer._writer.load_state_dict(saved["writer"])
         self.buffer._rng.set_state(saved["rng"])

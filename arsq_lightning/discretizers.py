@@ -19,14 +19,17 @@ from arsq_lightning.errors import require
 
 # A value within a few rounding errors (of the input's dtype) below a bin boundary counts as on the boundary and goes
 # to the upper bin, so boundaries that are not exactly representable (e.g. -0.6 in float32) encode as §2.2 says.
+# Capped at a thousandth of the finest cell, so the round-trip error stays within 1.002 half grid steps.
 _BOUNDARY_ULPS = 4
+_MAX_TOLERANCE_CELLS = 1e-3
 
 
 class Discretizer(nn.Module):
     """Interface shared by discretizers: continuous actions <-> integer codes ``[..., L, D]``.
 
-    Subclasses set ``levels``, ``bins`` and ``action_dim`` and implement :meth:`encode`, :meth:`decode`,
-    :meth:`conditioning` and :meth:`midpoint`.
+    Subclasses set ``levels``, ``bins`` and ``action_dim`` and implement every method below; acting
+    (:meth:`ARSQCritic.act <arsq_lightning.critic.ARSQCritic.act>`) zooms in through ``prefix * bins + bin`` and
+    :meth:`midpoint`, and maps the final unit-space midpoints to the env with :meth:`from_unit`.
     """
 
     levels: int
@@ -47,7 +50,13 @@ class Discretizer(nn.Module):
     def conditioning(self, codes: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def midpoint(self, prefix: Tensor, depth: Tensor) -> Tensor:  # pragma: no cover - interface
+    def midpoint(self, prefix: Tensor, depth: Tensor | int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to_unit(self, action: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def from_unit(self, unit: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -70,7 +79,8 @@ class CoarseToFineDiscretizer(Discretizer):
         0.304
     """
 
-    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *, levels: int = 3, bins: int = 5):
+    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *, levels: int = 3,
+                 bins: int = 5):
         super().__init__()
         low_t = torch.as_tensor(low, dtype=torch.float32).reshape(-1)
         high_t = torch.as_tensor(high, dtype=torch.float32).reshape(-1)
@@ -78,7 +88,8 @@ class CoarseToFineDiscretizer(Discretizer):
         require(bins >= 2, f"discretizer bins must be >= 2, got {bins}")
         require(low_t.shape == high_t.shape and low_t.numel() > 0, "action low/high must be non-empty and equal length")
         require(bool(torch.isfinite(low_t).all() & torch.isfinite(high_t).all()), "action bounds must be finite")
-        require(bool((high_t > low_t).all()), f"action high must exceed low, got low={low_t.tolist()} high={high_t.tolist()}")
+        require(bool((high_t > low_t).all()),
+                f"action high must exceed low, got low={low_t.tolist()} high={high_t.tolist()}")
         self.levels, self.bins, self.action_dim = levels, bins, low_t.numel()
         self.register_buffer("low", low_t)
         self.register_buffer("high", high_t)
@@ -112,7 +123,7 @@ class CoarseToFineDiscretizer(Discretizer):
         unit = self.to_unit(action.to(torch.float64)).clamp(-1.0, 1.0)
         cells = self.powers[-1]
         eps = torch.finfo(action.dtype if action.is_floating_point() else torch.float32).eps
-        tolerance = _BOUNDARY_ULPS * eps * cells  # in finest cells
+        tolerance = min(_BOUNDARY_ULPS * eps * float(cells), _MAX_TOLERANCE_CELLS)  # in finest cells
         index = torch.floor((unit + 1.0) * 0.5 * cells + tolerance).clamp(0, cells - 1)  # [..., D]
         place = self.powers[:-1].flip(0).unsqueeze(-1)  # [L, 1]: K**(L-1-l)
         digits = torch.div(index.unsqueeze(-2), place, rounding_mode="floor") % self.bins

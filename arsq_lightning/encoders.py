@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from arsq_lightning.layers import ACTIVATIONS
+from arsq_lightning.layers import activation_module
 
 
 class FlattenEncoder(nn.Module):
@@ -49,7 +49,7 @@ class MLPEncoder(nn.Module):
         for width_in, width_out in zip([obs_dim, *hidden_dims[:-1]], hidden_dims):
             layers += [nn.Linear(width_in, width_out)]
             layers += [nn.LayerNorm(width_out)] if layer_norm else []
-            layers += [ACTIVATIONS[activation]()]
+            layers += [activation_module(activation)]
         self.net = nn.Sequential(*layers)
         self.out_dim = hidden_dims[-1]
 

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from arsq_lightning.errors import require
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU}
+
+
+def activation_module(name: str) -> nn.Module:
+    """A fresh activation module by name (one of :data:`ACTIVATIONS`)."""
+    require(name in ACTIVATIONS, f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 def orthogonal_(weight: Tensor, gain: float) -> Tensor:
@@ -58,7 +66,7 @@ class EnsembleMLP(nn.Module):
         super().__init__()
         widths = [in_features, *hidden_dims]
         self.layers = nn.ModuleList(EnsembleLinear(members, i, o) for i, o in zip(widths[:-1], widths[1:]))
-        self.act = ACTIVATIONS[activation]()
+        self.act = activation_module(activation)
         self.out_features = widths[-1]
 
     def forward(self, x: Tensor) -> Tensor:

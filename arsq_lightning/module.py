@@ -129,7 +129,9 @@ class ARSQModule(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
-        local = torch.tensor(self._eval_results or [(-1.0, 0.0, 0.0)], dtype=torch.float64, device=self.device)
+        rows = max(len(self._eval_results), getattr(self.trainer.datamodule.hparams, "eval_episodes", 1))
+        padding = [(-1.0, 0.0, 0.0)] * (rows - len(self._eval_results))  # all ranks gather equal shapes
+        local = torch.tensor(self._eval_results + padding, dtype=torch.float64, device=self.device)
         self._eval_results = []
         gathered = self.all_gather(local).reshape(-1, 3)  # every rank's (episode, return, length)
         by_episode = {int(e): (r, n) for e, r, n in gathered.tolist() if e >= 0}  # the sampler may repeat episodes
@@ -140,7 +142,6 @@ class ARSQModule(L.LightningModule):
                        f"{prefix}/return_std": returns.std(unbiased=False).float(),
                        f"{prefix}/episode_length": lengths.mean().float(),
                        f"{prefix}/episodes": float(returns.numel()), f"{prefix}/env_frames": frames},
-                      prog_bar=False, batch_size=1, rank_zero_only=True)
-        self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, rank_zero_only=True,
-                 logger=False)
+                      prog_bar=False, batch_size=1)  # identical on every rank after the gather
+        self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, logger=False)
         self.last_eval_step = self.trainer.global_step

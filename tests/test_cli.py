@@ -98,6 +98,7 @@ def test_resume_restores_counters_and_replay_buffer(monkeypatch, tmp_path):
     (["--model.act_alpha", "-1"], "act_alpha must be positive"),
     (["--model.no_such_key", "1"], "no_such_key"),
     (["--data.utd_ratio", "0"], "utd_ratio must be positive"),
+    (["--model.head.init_args.activation", "sigmoidz"], "unknown activation 'sigmoidz'"),
 ])
 def test_bad_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)
