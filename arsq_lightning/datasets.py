@@ -1,0 +1,166 @@
+"""Offline datasets -> TorchRL's TED TensorDict layout (ALGORITHM.md §4.1).
+
+Readers:
+* :func:`read_d4rl_hdf5`: a file in D4RL's HDF5 layout (``observations``, ``actions``, ``rewards``, ``terminals``,
+  ``timeouts``, optionally ``next_observations``; other groups such as ``infos/*`` and ``metadata/*`` are ignored).
+  The file is opened read-only.
+* :func:`read_minari`: a Minari dataset from a local store, through ``minari.load_dataset``.
+
+Both return a TensorDict ``[T]`` with ``observation``, ``action``, ``episode`` and ``("next", observation | reward |
+terminated | truncated | done)``. Bad data raises :class:`~arsq_lightning.errors.ConfigError` naming the source and the
+problem. :func:`write_d4rl_hdf5` writes the same layout (used by ``scripts/make_dataset.py`` and the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+
+from arsq_lightning.envs import EnvSpec
+from arsq_lightning.errors import ConfigError
+
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def _finite(name: str, array: np.ndarray, source: str) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        row = int(np.argwhere(~np.isfinite(array.reshape(len(array), -1)))[0, 0])
+        raise ConfigError(f"{source}: '{name}' contains NaN or inf (first at row {row})")
+
+
+def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: no such file")
+    if not h5py.is_hdf5(path):
+        raise ConfigError(f"{source}: not an HDF5 file")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in D4RL_KEYS if k not in f]
+        if missing:
+            raise ConfigError(f"{source}: missing dataset(s) {missing} (D4RL layout needs {list(D4RL_KEYS)})")
+        keys = [*D4RL_KEYS, *(["next_observations"] if "next_observations" in f else [])]
+        arrays = {k: np.asarray(f[k][()]) for k in keys}
+    rows = {k: len(v) for k, v in arrays.items()}
+    if len(set(rows.values())) != 1:
+        raise ConfigError(f"{source}: datasets have different lengths {rows}")
+    if rows["observations"] == 0:
+        raise ConfigError(f"{source}: the dataset is empty")
+    for name, array in arrays.items():
+        _finite(name, array, source)
+    return arrays
+
+
+def read_d4rl_hdf5(path: str | os.PathLike) -> TensorDict:
+    """Read a D4RL-layout HDF5 file into a TED TensorDict ``[T]`` (see module doc).
+
+    Episodes end at ``terminals`` or ``timeouts``. Without ``next_observations``, the next observation is the next
+    row's; rows whose successor is not in the file (a timeout, or the last row, that is not terminal) are dropped,
+    since their next state is unknown. Terminal rows keep a placeholder next observation (never bootstrapped).
+    """
+    path = Path(path)
+    a = _load_d4rl_arrays(path)
+    obs = a["observations"].reshape(len(a["observations"]), -1).astype(np.float32)
+    terminated = a["terminals"].astype(bool).reshape(-1)
+    truncated = a["timeouts"].astype(bool).reshape(-1) & ~terminated
+    ends = terminated | truncated
+    episode = np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int64)
+    if "next_observations" in a:
+        next_obs = a["next_observations"].reshape(len(obs), -1).astype(np.float32)
+        keep = np.ones(len(obs), dtype=bool)
+    else:
+        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        keep = terminated | ~np.concatenate([truncated[:-1], [True]])
+    t = int(keep.sum())
+    if t == 0:
+        raise ConfigError(f"{path}: no usable transition (every row lacks a next observation)")
+
+    def col(x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(x[keep])).to(dtype)
+
+    return TensorDict({
+        "observation": col(obs), "action": col(a["actions"].reshape(len(obs), -1)), "episode": col(episode, torch.long),
+        "next": {"observation": col(next_obs), "reward": col(a["rewards"].reshape(-1, 1)),
+                 "terminated": col(terminated.reshape(-1, 1), torch.bool),
+                 "truncated": col(truncated.reshape(-1, 1), torch.bool), "done": col(ends.reshape(-1, 1), torch.bool)},
+    }, batch_size=[t])
+
+
+def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> TensorDict:
+    """Read a local Minari dataset with ``minari.load_dataset`` into a TED TensorDict ``[T]``.
+
+    Args:
+        dataset_id: e.g. ``mujoco/hopper/medium-v0``.
+
+    Keyword Args:
+        root: the Minari store (default: ``$MINARI_DATASETS_PATH`` or Minari's own default).
+    """
+    try:
+        import minari
+    except ImportError:
+        raise ConfigError("reading Minari datasets needs the 'minari' package: pip install minari") from None
+    if root is not None:
+        os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        dataset = minari.load_dataset(dataset_id)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"Minari dataset {dataset_id!r}: {err}") from None
+    chunks = []
+    for ep in dataset.iterate_episodes():
+        steps = len(ep.actions)
+        if not isinstance(ep.observations, np.ndarray):
+            raise ConfigError(f"Minari dataset {dataset_id!r}: only array (Box) observations are supported")
+        obs = torch.as_tensor(ep.observations, dtype=torch.float32).reshape(steps + 1, -1)
+        term = torch.as_tensor(ep.terminations).bool().reshape(steps, 1)
+        trunc = torch.as_tensor(ep.truncations).bool().reshape(steps, 1) & ~term
+        chunks.append(TensorDict({
+            "observation": obs[:-1], "action": torch.as_tensor(ep.actions, dtype=torch.float32).reshape(steps, -1),
+            "episode": torch.full((steps,), int(ep.id), dtype=torch.long),
+            "next": {"observation": obs[1:], "reward": torch.as_tensor(ep.rewards, dtype=torch.float32).reshape(-1, 1),
+                     "terminated": term, "truncated": trunc, "done": term | trunc}}, batch_size=[steps]))
+    if not chunks or sum(c.numel() for c in chunks) == 0:
+        raise ConfigError(f"Minari dataset {dataset_id!r} is empty")
+    data = torch.cat(chunks)
+    for key in ("observation", "action", ("next", "reward"), ("next", "observation")):
+        if not torch.isfinite(data[key]).all():
+            raise ConfigError(f"Minari dataset {dataset_id!r}: {key} contains NaN or inf")
+    return data
+
+
+def check_against_env(data: TensorDict, spec: EnvSpec, source: str) -> TensorDict:
+    """Check sizes against the env; clip actions outside its bounds (with a warning). Returns the checked data."""
+    obs_dim, act_dim = data["observation"].shape[-1], data["action"].shape[-1]
+    if obs_dim != spec.obs_dim:
+        raise ConfigError(f"{source}: observations have {obs_dim} dims but the env's have {spec.obs_dim}")
+    if act_dim != spec.action_dim:
+        raise ConfigError(f"{source}: actions have {act_dim} dims but the env's have {spec.action_dim}")
+    low, high = torch.tensor(spec.action_low), torch.tensor(spec.action_high)
+    outside = ((data["action"] < low) | (data["action"] > high)).any(-1)
+    if outside.any():
+        warnings.warn(f"{source}: {int(outside.sum())} of {len(outside)} actions lie outside the env's bounds "
+                      f"and were clipped", stacklevel=2)
+        data = data.clone()
+        data["action"] = data["action"].clamp(low, high)
+    return data
+
+
+def write_d4rl_hdf5(path: str | os.PathLike, data: TensorDict, metadata: dict | None = None) -> None:
+    """Write a TED TensorDict in D4RL's HDF5 layout (with ``next_observations``); ``metadata`` goes to
+    ``metadata/<key>`` attributes-like datasets (strings and numbers)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["observations"] = data["observation"].numpy()
+        f["actions"] = data["action"].numpy()
+        f["next_observations"] = data["next", "observation"].numpy()
+        f["rewards"] = data["next", "reward"].reshape(-1).numpy()
+        f["terminals"] = data["next", "terminated"].reshape(-1).numpy()
+        f["timeouts"] = data["next", "truncated"].reshape(-1).numpy()
+        for key, value in (metadata or {}).items():
+            f[f"metadata/{key}"] = value

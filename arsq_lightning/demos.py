@@ -1,0 +1,101 @@
+"""The official D4RL data protocol of ARSQ: episodes sorted by return, a demo window, the two buffers' contents, and the
+D4RL normalised score (ALGORITHM.md §4.1-§4.2).
+
+:func:`split_demos` turns a TED TensorDict (from :mod:`arsq_lightning.datasets`) into the RL buffer's data (the whole
+dataset) and the demo buffer's data (a window of transitions ordered by their episode's return), each with a
+``demo`` flag, plus the statistics the online phase needs (e.g. the relabelling threshold).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+
+from arsq_lightning.errors import require
+
+# D4RL's reference returns (random, expert) used by env.get_normalized_score, per MuJoCo task.
+D4RL_REFERENCE_RETURNS: dict[str, tuple[float, float]] = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def task_name(env_id: str) -> str:
+    """``Hopper-v5`` / ``hopper-medium-v2`` -> ``hopper``."""
+    return env_id.split("-")[0].split("/")[-1].lower()
+
+
+def normalized_score(env_id: str, episode_return: float) -> float:
+    """D4RL normalised score as a fraction: ``(return - random) / (expert - random)`` (x100 is the usual score)."""
+    name = task_name(env_id)
+    require(name in D4RL_REFERENCE_RETURNS, f"no D4RL reference returns for {env_id!r} "
+                                            f"(known: {sorted(D4RL_REFERENCE_RETURNS)})")
+    low, high = D4RL_REFERENCE_RETURNS[name]
+    return (episode_return - low) / (high - low)
+
+
+def episode_returns(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row episode return ``[T]`` and the sorted unique episode ids with their returns ``([E], [E])``."""
+    ids, inverse = torch.unique(data["episode"], return_inverse=True)
+    rewards = data["next", "reward"].reshape(-1).double()
+    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, rewards)
+    return totals[inverse], totals
+
+
+def demo_window(num_rows: int, percentile: float, ratio: float) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of the demo subset in return-sorted order (§4.1 step 3).
+
+    The percentile ``p`` is clamped to ``[r/2, 100 - r/2]``; the window is
+    ``[floor(N (p - r/2) / 100), floor(N (p + r/2) / 100))``.
+    """
+    require(0 < ratio <= 100, f"demo_ratio must lie in (0, 100], got {ratio}")
+    p = min(max(percentile, ratio / 2), 100 - ratio / 2)
+    return math.floor(num_rows * (p - ratio / 2) / 100), math.floor(num_rows * (p + ratio / 2) / 100)
+
+
+@dataclass
+class DemoSplit:
+    """What :func:`split_demos` returns: RL-buffer and demo-buffer data (both with a ``demo`` flag) and statistics."""
+
+    rl: TensorDict
+    demo: TensorDict
+    mean_episode_return: float  # whole dataset, after reward scaling
+    max_episode_return: float
+    demo_mean_episode_return: float  # episodes that have rows in the demo window: the relabelling threshold
+
+
+def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: float = 100.0,
+                reward_scale: float = 1.0, reward_bias: float = 0.0, drop_timeouts: bool = True) -> DemoSplit:
+    """The official preprocessing (§4.1): drop time-out transitions, scale rewards, sort episodes by return
+    (ascending, stable), cut the demo window.
+
+    Args:
+        data: TED TensorDict ``[T]`` with an ``episode`` id per row.
+
+    Keyword Args:
+        demo_percentile, demo_ratio: the window (official defaults 0 and 100: the whole dataset).
+        reward_scale, reward_bias: ``r <- r * scale + bias``.
+        drop_timeouts: drop transitions that end by time-out (the official code does).
+    """
+    if drop_timeouts:
+        data = data[~(data["next", "truncated"].reshape(-1) & ~data["next", "terminated"].reshape(-1))]
+    require(data.numel() > 0, "no transition left after dropping time-outs")
+    data = data.clone()
+    data["next", "reward"] = data["next", "reward"] * reward_scale + reward_bias
+    per_row, totals = episode_returns(data)
+    episode_ids = torch.unique(data["episode"])  # sorted; totals[k] belongs to episode_ids[k]
+    data = data[torch.argsort(per_row, stable=True)]  # episodes stay contiguous (equal returns keep file order)
+    start, stop = demo_window(data.numel(), demo_percentile, demo_ratio)
+    require(stop > start, f"the demo window [{start}, {stop}) is empty: raise demo_ratio")
+    demo = data[start:stop].clone()
+    demo["demo"] = torch.ones(demo.numel(), dtype=torch.bool)
+    data["demo"] = torch.zeros(data.numel(), dtype=torch.bool)
+    in_window = torch.searchsorted(episode_ids, torch.unique(demo["episode"]))
+    return DemoSplit(rl=data, demo=demo, mean_episode_return=float(totals.mean()),
+                     max_episode_return=float(totals.max()),
+                     demo_mean_episode_return=float(totals[in_window].mean()))
