@@ -11,12 +11,17 @@ from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.heads import AutoregressiveHead
 from arsq_lightning.loss import ARSQLoss, conservative_penalty
+from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari, write_d4rl_hdf5
+from arsq_lightning.demos import DemoSplit, normalized_score, split_demos
 from arsq_lightning.module import ARSQModule
+from arsq_lightning.offline_data import OfflineToOnlineDataModule
 from arsq_lightning.policy import ARSQActor, make_actor
 
 __version__ = "0.1.0"
 __all__ = [
     "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CoarseToFineDiscretizer",
-    "CollectAndSample", "ConfigError", "Discretizer", "EnvSpec", "FlattenEncoder", "MLPEncoder", "OnlineDataModule",
-    "conservative_penalty", "env_spec_of", "make_actor", "make_env", "soft_advantages",
+    "CollectAndSample", "ConfigError", "DemoSplit", "Discretizer", "EnvSpec", "FlattenEncoder", "MLPEncoder",
+    "OfflineToOnlineDataModule", "OnlineDataModule", "check_against_env", "conservative_penalty", "env_spec_of",
+    "make_actor", "make_env", "normalized_score", "read_d4rl_hdf5", "read_minari", "soft_advantages",
+    "split_demos", "write_d4rl_hdf5",
 ]

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from arsq_lightning.data import OnlineDataModule
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.module import ARSQModule
+from arsq_lightning.offline_data import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -109,18 +110,32 @@ def _trainer_defaults() -> dict:
 
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> ArsqCLI:
     """Parse ``args`` (``None``: ``sys.argv``), instantiate, and run the subcommand unless ``run`` is false."""
-    return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run,
+    return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run, subclass_mode_data=True,
                    parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
                    save_config_callback=MLflowSaveConfig,
                    save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
                    trainer_defaults=_trainer_defaults())
 
 
+def _config_error_in(exc: BaseException) -> BaseException | None:
+    """The ConfigError / argparse error that caused ``exc`` (jsonargparse wraps errors raised while instantiating)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (ConfigError, argparse.ArgumentError)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message."""
     try:
         build_cli(args)
-    except (ConfigError, argparse.ArgumentError) as err:
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a configuration error
+        err = _config_error_in(exc)
+        if err is None:
+            raise
         print(f"arsq: error: {err}", file=sys.stderr)
         print("arsq: see `arsq --help` or `arsq fit --help` for the accepted options", file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,7 @@ from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from arsq_lightning.demos import D4RL_REFERENCE_RETURNS, normalized_score, task_name
 from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
 from arsq_lightning.errors import require
 from arsq_lightning.policy import make_actor
@@ -43,7 +44,7 @@ class CollectAndSample(IterableDataset):
             while data.updates_owed() <= 0:
                 data.collect()
             data.updates_done += 1
-            yield data.buffer.sample()
+            yield data.sample()
 
 
 class OnlineDataModule(L.LightningDataModule):
@@ -112,7 +113,7 @@ class OnlineDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.buffer is None:
             self._build_buffer()
-        if self._collector is None:
+        if self._collector is None and self.needs_collector():
             critic = self.trainer.lightning_module.critic
             actor = make_actor(critic, torch.Generator().manual_seed(self.rank_seed))
             self._collector = Collector(self.make_env(self.rank_seed), actor,
@@ -123,6 +124,10 @@ class OnlineDataModule(L.LightningDataModule):
             self._collector_iter = iter(self._collector)
         return DataLoader(CollectAndSample(self), batch_size=None, collate_fn=_as_is, num_workers=0)
 
+    def needs_collector(self) -> bool:
+        """Whether training interacts with the env (subclasses may train from data only)."""
+        return True
+
     def teardown(self, stage: str) -> None:
         if self._collector is not None and stage == "fit":
             self._collector.shutdown()
@@ -131,13 +136,20 @@ class OnlineDataModule(L.LightningDataModule):
             self._eval_env.close()
             self._eval_env = None
 
+    def _make_buffer(self, capacity: int, batch_size: int, seed_offset: int = 0) -> TensorDictReplayBuffer:
+        """A replay buffer sampling with this rank's own generator."""
+        generator = torch.Generator().manual_seed(self.rank_seed + seed_offset)
+        return TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=batch_size, generator=generator)
+
     def _build_buffer(self) -> None:
-        generator = torch.Generator().manual_seed(self.rank_seed)
-        self.buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(self.hparams.buffer_size),
-                                             batch_size=self.hparams.batch_size, generator=generator)
+        self.buffer = self._make_buffer(self.hparams.buffer_size, self.hparams.batch_size)
         if self._pending_buffer_state is not None:
-            self._restore_buffer(self._pending_buffer_state)
+            self._restore_buffers(self._pending_buffer_state)
             self._pending_buffer_state = None
+
+    def sample(self) -> TensorDictBase:
+        """One training batch."""
+        return self.buffer.sample()
 
     # --- collection -----------------------------------------------------------------------------------------------
     def updates_owed(self) -> int:
@@ -155,11 +167,20 @@ class OnlineDataModule(L.LightningDataModule):
     def collect(self) -> None:
         """Step the collector once, store the transitions, record finished episodes' returns."""
         batch = next(self._collector_iter).reshape(-1)
-        self.buffer.extend(batch.select(*TRANSITION_KEYS))
         self.frames += batch.numel()
         done = batch["next", "done"].reshape(-1)
         if done.any():
             self.episode_returns.extend(batch["next", "episode_reward"].reshape(-1)[done].tolist())
+        self.store(batch)
+
+    def store(self, batch: TensorDictBase) -> None:
+        """Put collected transitions ``[n]`` into the replay buffer."""
+        self.buffer.extend(batch.select(*TRANSITION_KEYS))
+
+    def normalized_score(self, episode_return: float) -> float | None:
+        """D4RL normalised score of a return on this task (``None`` for tasks without D4RL reference returns)."""
+        name = task_name(self.hparams.env_id)
+        return normalized_score(name, episode_return) if name in D4RL_REFERENCE_RETURNS else None
 
     # --- evaluation -----------------------------------------------------------------------------------------------
     def val_dataloader(self) -> DataLoader:
@@ -186,11 +207,15 @@ class OnlineDataModule(L.LightningDataModule):
         """
         state = {"frames": self.frames, "updates_done": self.updates_done,
                  "episode_returns": list(self.episode_returns)}
-        if self.buffer is not None and len(self.buffer) > 0 and self._rank() == 0:
-            filled = len(self.buffer)
-            state["buffer"] = {"data": self.buffer.storage[:filled].clone().to_dict(), "length": filled,
-                               "writer": self.buffer._writer.state_dict(), "rng": self.buffer._rng.get_state()}
+        if self._rank() == 0:
+            buffers = {name: _buffer_state(b) for name, b in self._buffers().items() if b is not None and len(b)}
+            if buffers:
+                state["buffers"] = buffers
         return state
+
+    def _buffers(self) -> dict[str, TensorDictReplayBuffer | None]:
+        """The replay buffers a checkpoint holds, by name."""
+        return {"replay": self.buffer}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore counters; rank 0 also restores the buffer (when fitting), other ranks start collecting afresh."""
@@ -199,13 +224,27 @@ class OnlineDataModule(L.LightningDataModule):
         fitting = self.trainer is None or self.trainer.state.fn == "fit"
         if self._rank() != 0:
             self._frames_origin, self._updates_origin = self.frames, self.updates_done  # a new warm-up
-        elif "buffer" in state and fitting:
+        elif "buffers" in state and fitting:
             if self.buffer is None:
-                self._pending_buffer_state = state["buffer"]
+                self._pending_buffer_state = state["buffers"]
             else:
-                self._restore_buffer(state["buffer"])
+                self._restore_buffers(state["buffers"])
 
-    def _restore_buffer(self, saved: dict) -> None:
-        self.buffer.extend(TensorDict(saved["data"], batch_size=[saved["length"]]))
-        self.buffer._writer.load_state_dict(saved["writer"])
-        self.buffer._rng.set_state(saved["rng"])
+    def _restore_buffers(self, saved: dict) -> None:
+        for name, buffer in self._buffers().items():
+            if name in saved:
+                buffer.empty()
+                _restore_buffer(buffer, saved[name])
+
+
+def _buffer_state(buffer: TensorDictReplayBuffer) -> dict:
+    """The filled rows (a copy, not the preallocated storage), the write cursor and the sampling RNG state."""
+    filled = len(buffer)
+    return {"data": buffer.storage[:filled].clone().to_dict(), "length": filled,
+            "writer": buffer._writer.state_dict(), "rng": buffer._rng.get_state()}
+
+
+def _restore_buffer(buffer: TensorDictReplayBuffer, saved: dict) -> None:
+    buffer.extend(TensorDict(saved["data"], batch_size=[saved["length"]]))
+    buffer._writer.load_state_dict(saved["writer"])
+    buffer._rng.set_state(saved["rng"])

@@ -108,11 +108,15 @@ class ARSQModule(L.LightningModule):
             elapsed = max(now - self._clock[0], 1e-9)
             metrics["time/fps"] = (frames - self._clock[1]) / elapsed
             metrics["time/updates_per_s"] = (updates - self._clock[2]) / elapsed
+        if hasattr(data, "phase"):
+            metrics["train/phase_online"] = float(data.phase == "online")
         returns = getattr(data, "episode_returns", None)
         if returns:
             metrics["train/episode_return"] = sum(returns) / len(returns)
         self._clock = (now, frames, updates)
         self.log_dict(metrics, prog_bar=False, batch_size=1)
+        if "train/phase_online" in metrics:  # show the phase in the progress bar: 0 offline, 1 online
+            self.log("online", metrics["train/phase_online"], prog_bar=True, logger=False, batch_size=1)
 
     # --- evaluation (validation / test loops run one deterministic episode per item) -------------------------------
     def validation_step(self, episode: int, batch_idx: int) -> None:
@@ -137,7 +141,11 @@ class ARSQModule(L.LightningModule):
         by_episode = {int(e): (r, n) for e, r, n in gathered.tolist() if e >= 0}  # the sampler may repeat episodes
         returns = torch.tensor([r for r, _ in by_episode.values()], dtype=torch.float64)
         lengths = torch.tensor([n for _, n in by_episode.values()], dtype=torch.float64)
-        frames = float(getattr(self.trainer.datamodule, "frames", 0))
+        data = self.trainer.datamodule
+        frames = float(getattr(data, "frames", 0))
+        score = data.normalized_score(float(returns.mean())) if hasattr(data, "normalized_score") else None
+        if score is not None:
+            self.log(f"{prefix}/normalized_score", score, batch_size=1)
         self.log_dict({f"{prefix}/return_mean": returns.mean().float(),
                        f"{prefix}/return_std": returns.std(unbiased=False).float(),
                        f"{prefix}/episode_length": lengths.mean().float(),

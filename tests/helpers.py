@@ -31,3 +31,16 @@ def only_run(uri: str):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, f"expected one run, found {len(runs)}"
     return client, runs[0]
+
+
+def write_random_dataset(env_id: str, path: Path, steps: int = 120, max_episode_steps: int = 18) -> Path:
+    """A small D4RL-layout file from uniformly random actions in a real env (episodes end by termination or time-out)."""
+    import torch
+
+    from arsq_lightning import make_env, write_d4rl_hdf5
+
+    torch.manual_seed(0)
+    env = make_env(env_id, seed=0, max_episode_steps=max_episode_steps)
+    data = env.rollout(steps, break_when_any_done=False)
+    write_d4rl_hdf5(path, data, metadata={"generator": "uniform random actions (tests)"})
+    return path

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from arsq_lightning import ARSQModule, AutoregressiveHead, OnlineDataModule
 from arsq_lightning.cli import build_cli, main
-from helpers import CONFIGS, QUICKSTART, REPO, TINY, only_run, use_tmp_mlflow
+from helpers import CONFIGS, QUICKSTART, REPO, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
-    cli = build_cli(["--config", str(config)], run=False)
+    extra = []
+    if "d4rl" in config.parts:  # point the dataset at a small file from the right env
+        env_id = yaml.safe_load(config.read_text())["data"]["init_args"]["env_id"]
+        extra = ["--data.dataset", str(write_random_dataset(env_id, tmp_path / "data.hdf5"))]
+    cli = build_cli(["--config", str(config), *extra], run=False)
     assert isinstance(cli.model, ARSQModule) and isinstance(cli.datamodule, OnlineDataModule)
     spec, disc = cli.datamodule.env_spec, cli.model.critic.discretizer
     assert disc.action_dim == spec.action_dim  # sizes linked from the env, not typed in YAML
@@ -35,8 +40,12 @@ def test_help_lists_pluggable_parts(capsys):
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model.discretizer", "--model.head", "--model.encoder", "--model.loss", "--data.utd_ratio"):
+    for option in ("--model.discretizer", "--model.head", "--model.encoder", "--model.loss", "--data"):
         assert option in text
+    for data_class in ("OnlineDataModule", "OfflineToOnlineDataModule"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--data.help", data_class])
+        assert "--data.utd_ratio" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("steps", [30, 25], ids=["ends-on-eval", "final-eval-after-fit"])

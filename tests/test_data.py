@@ -43,13 +43,13 @@ def test_checkpoint_holds_only_the_filled_part_of_the_buffer():
         next(stream)
     state = data.state_dict()
     filled = len(data.buffer)
-    saved = state["buffer"]["data"]["observation"]
-    assert state["buffer"]["length"] == filled == data.frames
+    saved = state["buffers"]["replay"]["data"]["observation"]
+    assert state["buffers"]["replay"]["length"] == filled == data.frames
     assert saved.shape == (filled, 3) and saved.untyped_storage().nbytes() == filled * 3 * 4  # not the capacity
 
     fresh = _data_with_collector()
     fresh.load_state_dict(state)
-    assert len(fresh.buffer) >= filled
+    assert len(fresh.buffer) == filled  # replaced, not appended to what the fresh collector had stored
     assert torch.equal(fresh.buffer.storage[:filled]["observation"], data.buffer.storage[:filled]["observation"])
     assert fresh.frames >= data.frames  # counters restored (plus what the fresh collector had already stepped)
 

@@ -1,0 +1,166 @@
+"""Learning from a dataset, then online: demo buffer + RL buffer, exact mixing, two phases in one ``fit``
+(ALGORITHM.md §4.1-§4.2).
+
+* The dataset (D4RL HDF5 file or local Minari dataset) is split by :func:`~arsq_lightning.demos.split_demos`: the RL
+  buffer gets the whole dataset (``demo = False``; the last, highest-return rows if it exceeds ``buffer_size``), the
+  demo buffer the demo window (``demo = True``).
+* Every batch holds exactly ``round(batch_size * demo_fraction)`` demo-buffer rows, the rest from the RL buffer.
+* Phase 1, offline: ``pretrain_steps`` updates with no env interaction. Phase 2, online (unless ``online`` is false):
+  the collector adds transitions (rewards scaled like the dataset's) to the RL buffer at ``utd_ratio`` updates per
+  frame; with ``trajectories_per_round = k > 0`` the updates come after every ``k`` finished episodes, as in the
+  official code (``k = 1``).
+* ``relabel``: a finished online episode whose (scaled) return reaches the demo window's mean episode return joins the
+  demo buffer (the official code compared it with the mean per-step reward, §8.4).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from arsq_lightning.data import TRANSITION_KEYS, OnlineDataModule
+from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari
+from arsq_lightning.demos import DemoSplit, split_demos
+from arsq_lightning.errors import require
+
+STORED_KEYS = (*TRANSITION_KEYS, "demo")
+
+
+class OfflineToOnlineDataModule(OnlineDataModule):
+    """A dataset-kick-started data module (see module doc); every :class:`OnlineDataModule` option applies online.
+
+    Args:
+        env_id: gymnasium id of the online / evaluation env (e.g. ``Hopper-v5``).
+
+    Keyword Args:
+        dataset: a D4RL-layout ``.hdf5`` path (``~`` expanded), or ``minari:<dataset id>`` for a local Minari store.
+        minari_root: the Minari store for ``minari:`` datasets (default ``$MINARI_DATASETS_PATH``).
+        demo_percentile, demo_ratio: demo window over return-sorted transitions (official: 0 and 100 = all).
+        reward_scale, reward_bias: ``r * scale + bias`` for dataset and online rewards.
+        clip_action: dataset actions are clipped to this fraction of the half-range around the centre (0.99999).
+        drop_timeouts: drop dataset transitions that end by time-out (official).
+        demo_fraction: share of every batch drawn from the demo buffer (official 0.5).
+        pretrain_steps: offline updates before the online phase.
+        online: collect online data after pretraining (false: pure offline training).
+        trajectories_per_round: 0 interleaves updates with collection; k > 0 does the updates after k episodes.
+        relabel: add online episodes that reach the demo mean return to the demo buffer.
+        demo_buffer_factor: demo buffer capacity as a multiple of the demo window's size (official 2).
+        **kwargs: :class:`OnlineDataModule` options (``seed``, ``batch_size``, ``buffer_size``, ``utd_ratio``, ...).
+    """
+
+    def __init__(self, env_id: str = "Hopper-v5", *, dataset: str = "", minari_root: str | None = None,
+                 demo_percentile: float = 0.0, demo_ratio: float = 100.0, reward_scale: float = 1.0,
+                 reward_bias: float = 0.0, clip_action: float = 0.99999, drop_timeouts: bool = True,
+                 demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,
+                 trajectories_per_round: int = 0, relabel: bool = False, demo_buffer_factor: float = 2.0,
+                 seed: int = 0, max_episode_steps: int | None = None, env_kwargs: dict | None = None,
+                 frames_per_batch: int = 1, init_random_frames: int = 0, learning_starts: int | None = 1,
+                 utd_ratio: float = 1.0, batch_size: int = 512, buffer_size: int = 1_000_000,
+                 eval_episodes: int = 10, eval_seed: int = 1_000_000, eval_max_steps: int = 100_000):
+        super().__init__(env_id, seed=seed, max_episode_steps=max_episode_steps, env_kwargs=env_kwargs,
+                         frames_per_batch=frames_per_batch, init_random_frames=init_random_frames,
+                         learning_starts=learning_starts, utd_ratio=utd_ratio, batch_size=batch_size,
+                         buffer_size=buffer_size, eval_episodes=eval_episodes, eval_seed=eval_seed,
+                         eval_max_steps=eval_max_steps)
+        require(bool(dataset), "data.dataset is empty: give a D4RL .hdf5 path or minari:<dataset id>")
+        require(0.0 <= demo_fraction <= 1.0, f"data.demo_fraction must lie in [0, 1], got {demo_fraction}")
+        require(0.0 < clip_action <= 1.0, f"data.clip_action must lie in (0, 1], got {clip_action}")
+        require(pretrain_steps >= 0, f"data.pretrain_steps must be >= 0, got {pretrain_steps}")
+        require(trajectories_per_round >= 0, f"data.trajectories_per_round must be >= 0, got {trajectories_per_round}")
+        require(demo_buffer_factor >= 1.0, f"data.demo_buffer_factor must be >= 1, got {demo_buffer_factor}")
+        self.save_hyperparameters()
+        self.demo_batch = round(batch_size * demo_fraction)
+        self.split: DemoSplit = split_demos(self.load_dataset(), demo_percentile=demo_percentile,
+                                            demo_ratio=demo_ratio, reward_scale=reward_scale,
+                                            reward_bias=reward_bias, drop_timeouts=drop_timeouts)
+        self.demo_buffer = None
+        self._round_frames = 0  # online frames whose updates are due (all frames unless trajectories_per_round > 0)
+        self._open_episode: list[TensorDictBase] = []  # rows of the online episode in progress (for relabelling)
+        self._episodes_in_round = 0
+        self.relabelled_episodes = 0
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    def load_dataset(self) -> TensorDict:
+        """Read and check the configured dataset (TED layout, see :mod:`arsq_lightning.datasets`)."""
+        name = self.hparams.dataset
+        if name.startswith("minari:"):
+            data, source = read_minari(name.removeprefix("minari:"), root=self.hparams.minari_root), name
+        else:
+            path = Path(os.path.expanduser(name))
+            data, source = read_d4rl_hdf5(path), str(path)
+        data = check_against_env(data, self.env_spec, source)
+        low, high = torch.tensor(self.env_spec.action_low), torch.tensor(self.env_spec.action_high)
+        centre, half = (high + low) / 2, (high - low) / 2 * self.hparams.clip_action
+        data["action"] = data["action"].clamp(centre - half, centre + half)
+        return data
+
+    def _build_buffer(self) -> None:
+        hp = self.hparams
+        self.buffer = self._make_buffer(hp.buffer_size, hp.batch_size - self.demo_batch)
+        self.buffer.extend(self.split.rl.select(*STORED_KEYS)[-hp.buffer_size:])  # keeps the highest returns
+        capacity = max(1, int(self.split.demo.numel() * hp.demo_buffer_factor))
+        self.demo_buffer = self._make_buffer(capacity, max(1, self.demo_batch), seed_offset=1)
+        self.demo_buffer.extend(self.split.demo.select(*STORED_KEYS))
+        if self._pending_buffer_state is not None:
+            self._restore_buffers(self._pending_buffer_state)
+            self._pending_buffer_state = None
+
+    def _buffers(self) -> dict:
+        return {"replay": self.buffer, "demo": self.demo_buffer}
+
+    def needs_collector(self) -> bool:
+        return self.hparams.online
+
+    def sample(self) -> TensorDictBase:
+        """``demo_batch`` rows from the demo buffer, then the rest from the RL buffer (exact counts)."""
+        parts = []
+        if self.demo_batch > 0:
+            parts.append(self.demo_buffer.sample(self.demo_batch))
+        if self.hparams.batch_size - self.demo_batch > 0:
+            parts.append(self.buffer.sample(self.hparams.batch_size - self.demo_batch))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # --- phases ---------------------------------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """``offline`` during pretraining (and forever when ``online`` is false), else ``online``."""
+        offline = self.updates_done < self.hparams.pretrain_steps or not self.hparams.online
+        return "offline" if offline else "online"
+
+    def updates_owed(self) -> int:
+        """Offline: always one. Online: ``floor(round_frames * utd_ratio) - online updates`` (<= 0: collect)."""
+        if self.phase == "offline":
+            return 1
+        online_updates = self.updates_done - self.hparams.pretrain_steps
+        return int(self._round_frames * self.hparams.utd_ratio) - online_updates
+
+    def store(self, batch: TensorDictBase) -> None:
+        """Scale rewards, flag ``demo = False``, add to the RL buffer; close rounds and relabel finished episodes."""
+        rows = batch.select(*TRANSITION_KEYS).clone()
+        rows["next", "reward"] = rows["next", "reward"] * self.hparams.reward_scale + self.hparams.reward_bias
+        rows["demo"] = torch.zeros(rows.numel(), dtype=torch.bool)
+        self.buffer.extend(rows)
+        ends = torch.nonzero(rows["next", "done"].reshape(-1)).reshape(-1).tolist()
+        start = 0
+        for end in ends:
+            self._finish_episode(torch.cat([*self._open_episode, rows[start:end + 1]]))
+            self._open_episode, start = [], end + 1
+        if start < rows.numel():
+            self._open_episode.append(rows[start:])
+        k = self.hparams.trajectories_per_round
+        if k == 0:
+            self._round_frames += rows.numel()
+        elif self._episodes_in_round >= k:
+            self._round_frames = self.frames  # every frame collected so far is online
+            self._episodes_in_round = 0
+
+    def _finish_episode(self, episode: TensorDictBase) -> None:
+        self._episodes_in_round += 1
+        if self.hparams.relabel and float(episode["next", "reward"].sum()) >= self.split.demo_mean_episode_return:
+            relabelled = episode.clone()
+            relabelled["demo"] = torch.ones(relabelled.numel(), dtype=torch.bool)
+            self.demo_buffer.extend(relabelled)
+            self.relabelled_episodes += 1

@@ -1,0 +1,120 @@
+"""OfflineToOnlineDataModule: exact mixing, buffer contents, the offline -> online phase switch in one fit,
+rounds of trajectories, and relabelling (ALGORITHM.md §4.1-§4.2, §8.4)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensordict import TensorDict
+
+from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule
+from arsq_lightning.cli import build_cli
+from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
+
+HOPPER_MR = REPO / "configs" / "d4rl" / "hopper_medium_replay.yaml"
+
+
+@pytest.fixture(scope="module")
+def hopper_file(tmp_path_factory):
+    return write_random_dataset("Hopper-v5", tmp_path_factory.mktemp("data") / "hopper.hdf5", steps=300)
+
+
+def _attach(data: OfflineToOnlineDataModule, rank: int = 0) -> OfflineToOnlineDataModule:
+    data.trainer = SimpleNamespace(global_rank=rank, world_size=1, lightning_module=ARSQModule(data.env_spec),
+                                   state=SimpleNamespace(fn="fit"))
+    data.setup("fit")
+    return data
+
+
+def test_every_batch_mixes_demo_and_rl_rows_exactly(hopper_file):
+    data = _attach(OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), batch_size=16,
+                                             demo_fraction=0.25, demo_percentile=100.0, demo_ratio=30.0,
+                                             buffer_size=1000, online=False))
+    stream = iter(data.train_dataloader())
+    demo_obs = {tuple(row.tolist()) for row in data.split.demo["observation"]}
+    assert len(data.buffer) == data.split.rl.numel() and len(data.demo_buffer) == data.split.demo.numel()
+    for _ in range(10):
+        batch = next(stream)
+        assert batch.shape == (16,) and int(batch["demo"].sum()) == 4 and batch["demo"][:4].all()
+        assert all(tuple(row.tolist()) in demo_obs for row in batch["observation"][:4])
+    assert data.frames == 0 and data.phase == "offline"  # never touched the env
+
+
+def test_small_rl_buffer_keeps_the_highest_return_rows(hopper_file):
+    data = _attach(OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), batch_size=8, buffer_size=50,
+                                             online=False))
+    data.train_dataloader()
+    kept = data.buffer.storage[:50]["observation"]
+    assert torch.equal(kept, data.split.rl["observation"][-50:])
+
+
+def test_dataset_must_match_the_env(hopper_file):
+    with pytest.raises(ConfigError, match="observations have 11 dims but the env's have 17"):
+        OfflineToOnlineDataModule("HalfCheetah-v5", dataset=str(hopper_file))
+    with pytest.raises(ConfigError, match="data.dataset is empty"):
+        OfflineToOnlineDataModule("Hopper-v5")
+
+
+class _Recorder(Callback):
+    def __init__(self):
+        self.frames: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.frames.append(trainer.datamodule.frames)
+
+
+def test_offline_then_online_in_one_fit(hopper_file, monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["--config", str(HOPPER_MR), *TINY, "--data.dataset", str(hopper_file),
+                     "--data.pretrain_steps", "20", "--trainer.max_steps", "40", "--data.trajectories_per_round", "0",
+                     "--model.compile_act", "false"], run=False)
+    recorder = _Recorder()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    frames = recorder.frames
+    assert len(frames) == 40 and int(cli.model.grad_updates) == 40
+    assert frames[:19] == [0] * 19  # offline: no env frame (one batch is prefetched, so step 20 may hold frames)
+    assert frames[-1] >= 20 - 1 and all(b >= a for a, b in zip(frames, frames[1:]))  # one frame per online update
+    assert cli.datamodule.phase == "online"
+    assert "eval/normalized_score" in cli.trainer.callback_metrics
+
+
+def test_updates_wait_for_whole_trajectories(hopper_file):
+    data = _attach(OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), batch_size=8, buffer_size=1000,
+                                             trajectories_per_round=1, utd_ratio=2.0, max_episode_steps=10))
+    data.train_dataloader()
+    while data._episodes_in_round == 0 and data._round_frames == 0:
+        assert data.updates_owed() <= 0
+        data.collect()
+    assert data.updates_owed() == 2 * data.frames  # utd 2 x all frames of the finished episode(s)
+
+
+def _episode(length: int, reward: float, done_at_end: bool = True) -> TensorDict:
+    done = torch.zeros(length, 1, dtype=torch.bool)
+    done[-1] = done_at_end
+    return TensorDict({"observation": torch.randn(length, 11), "action": torch.zeros(length, 3),
+                       "next": {"observation": torch.randn(length, 11), "reward": torch.full((length, 1), reward),
+                                "terminated": done.clone(), "truncated": torch.zeros(length, 1, dtype=torch.bool),
+                                "done": done.clone()}}, batch_size=[length])
+
+
+def test_relabelling_adds_only_episodes_that_reach_the_demo_mean_return(hopper_file):
+    data = _attach(OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), batch_size=8, buffer_size=1000,
+                                             relabel=True, reward_scale=2.0))
+    data.train_dataloader()
+    threshold = data.split.demo_mean_episode_return
+    demo_before, rl_before = len(data.demo_buffer), len(data.buffer)
+    good_reward = threshold / 5 / 2 + 1.0  # 5 steps; stored rewards are scaled by 2
+    bad_reward = threshold / 5 / 2 - 1.0
+    first_half = _episode(3, good_reward, done_at_end=False)  # a good episode split over two collector batches
+    data.store(torch.cat([_episode(4, bad_reward), first_half]))
+    assert len(data.demo_buffer) == demo_before  # the bad one finished below the threshold, the good one is open
+    data.store(_episode(2, good_reward))
+    assert len(data.demo_buffer) == demo_before + 5 and data.relabelled_episodes == 1
+    added = data.demo_buffer.storage[demo_before:demo_before + 5]
+    assert added["demo"].all()
+    torch.testing.assert_close(added["next", "reward"], torch.full((5, 1), good_reward * 2))
+    assert len(data.buffer) == rl_before + 9 and not data.buffer.storage[rl_before:rl_before + 9]["demo"].any()
