@@ -110,6 +110,7 @@ class ARSQModule(L.LightningModule):
             metrics["time/updates_per_s"] = (updates - self._clock[2]) / elapsed
         if hasattr(data, "phase"):
             metrics["train/phase_online"] = float(data.phase == "online")
+            metrics["train/relabelled_episodes"] = float(data.relabelled_episodes)
         returns = getattr(data, "episode_returns", None)
         if returns:
             metrics["train/episode_return"] = sum(returns) / len(returns)
@@ -145,7 +146,7 @@ class ARSQModule(L.LightningModule):
         frames = float(getattr(data, "frames", 0))
         score = data.normalized_score(float(returns.mean())) if hasattr(data, "normalized_score") else None
         if score is not None:
-            self.log(f"{prefix}/normalized_score", score, batch_size=1)
+            self.log(f"{prefix}/normalized_score", score, batch_size=1, prog_bar=True)
         self.log_dict({f"{prefix}/return_mean": returns.mean().float(),
                        f"{prefix}/return_std": returns.std(unbiased=False).float(),
                        f"{prefix}/episode_length": lengths.mean().float(),
