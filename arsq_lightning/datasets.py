@@ -24,7 +24,7 @@ from tensordict import TensorDict
 from arsq_lightning.envs import EnvSpec
 from arsq_lightning.errors import ConfigError
 
-D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals")  # + "timeouts" (v2 files), "next_observations"
 
 
 def _finite(name: str, array: np.ndarray, source: str) -> None:
@@ -45,8 +45,11 @@ def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
         missing = [k for k in D4RL_KEYS if k not in f]
         if missing:
             raise ConfigError(f"{source}: missing dataset(s) {missing} (D4RL layout needs {list(D4RL_KEYS)})")
-        keys = [*D4RL_KEYS, *(["next_observations"] if "next_observations" in f else [])]
+        keys = [*D4RL_KEYS, *(k for k in ("timeouts", "next_observations") if k in f)]
         arrays = {k: np.asarray(f[k][()]) for k in keys}
+    if "timeouts" not in arrays:
+        warnings.warn(f"{source}: no 'timeouts' dataset: episodes end only at terminals", stacklevel=3)
+        arrays["timeouts"] = np.zeros(len(arrays["terminals"]), dtype=bool)
     rows = {k: len(v) for k, v in arrays.items()}
     if len(set(rows.values())) != 1:
         raise ConfigError(f"{source}: datasets have different lengths {rows}")
@@ -54,6 +57,12 @@ def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"{source}: the dataset is empty")
     for name, array in arrays.items():
         _finite(name, array, source)
+    for name in ("rewards", "terminals", "timeouts"):
+        if arrays[name].reshape(len(arrays[name]), -1).shape[1] != 1:
+            raise ConfigError(f"{source}: '{name}' must hold one value per row, got shape {arrays[name].shape}")
+    if "next_observations" in arrays and arrays["next_observations"].shape[1:] != arrays["observations"].shape[1:]:
+        raise ConfigError(f"{source}: 'next_observations' has shape {arrays['next_observations'].shape[1:]} per row "
+                          f"but 'observations' has {arrays['observations'].shape[1:]}")
     return arrays
 
 
@@ -105,12 +114,18 @@ def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> Te
         import minari
     except ImportError:
         raise ConfigError("reading Minari datasets needs the 'minari' package: pip install minari") from None
+    previous = os.environ.get("MINARI_DATASETS_PATH")
     if root is not None:
-        os.environ["MINARI_DATASETS_PATH"] = str(root)
+        os.environ["MINARI_DATASETS_PATH"] = os.path.expanduser(str(root))
     try:
         dataset = minari.load_dataset(dataset_id)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"Minari dataset {dataset_id!r}: {err}") from None
+    finally:  # leave the process environment as it was
+        if root is not None and previous is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        elif root is not None:
+            os.environ["MINARI_DATASETS_PATH"] = previous
     chunks = []
     for ep in dataset.iterate_episodes():
         steps = len(ep.actions)

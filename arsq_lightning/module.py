@@ -75,6 +75,7 @@ class ARSQModule(L.LightningModule):
         self.register_buffer("grad_updates", torch.zeros((), dtype=torch.long))
         self._eval_results: list[tuple[float, float, float]] = []
         self.last_eval_step = -1
+        self.best_score = float("-inf")
         self._clock: tuple[float, int, int] | None = None
 
     @torch.no_grad()
@@ -146,7 +147,9 @@ class ARSQModule(L.LightningModule):
         frames = float(getattr(data, "frames", 0))
         score = data.normalized_score(float(returns.mean())) if hasattr(data, "normalized_score") else None
         if score is not None:
+            self.best_score = max(self.best_score, score)
             self.log(f"{prefix}/normalized_score", score, batch_size=1, prog_bar=True)
+            self.log(f"{prefix}/normalized_score_max", self.best_score, batch_size=1)  # the official code logs both
         self.log_dict({f"{prefix}/return_mean": returns.mean().float(),
                        f"{prefix}/return_std": returns.std(unbiased=False).float(),
                        f"{prefix}/episode_length": lengths.mean().float(),

@@ -108,6 +108,11 @@ class OfflineToOnlineDataModule(OnlineDataModule):
             self._restore_buffers(self._pending_buffer_state)
             self._pending_buffer_state = None
 
+    def load_state_dict(self, state: dict) -> None:
+        """Counters and buffers as :meth:`OnlineDataModule.load_state_dict`; restored frames count as a finished round."""
+        super().load_state_dict(state)
+        self._round_frames = self.frames
+
     def _buffers(self) -> dict:
         return {"replay": self.buffer, "demo": self.demo_buffer}
 
@@ -151,9 +156,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         if start < rows.numel():
             self._open_episode.append(rows[start:])
         k = self.hparams.trajectories_per_round
-        if k == 0:
-            self._round_frames += rows.numel()
-        elif self._episodes_in_round >= k:
+        if k == 0 or self._episodes_in_round >= k:
             self._round_frames = self.frames  # every frame collected so far is online
             self._episodes_in_round = 0
 

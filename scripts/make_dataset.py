@@ -60,7 +60,7 @@ class StopAtScore(Callback):
 
 def train(args: argparse.Namespace) -> None:
     """Train ARSQ online (the env's shipped config, with a smaller network for CPUs) and keep the checkpoint."""
-    config = REPO / "configs" / CONFIG_FOR.get(task_name(args.env), "hopper.yaml")
+    config = REPO / "configs" / CONFIG_FOR.get(task_name(args.env), "hopper.yaml")  # other envs: hopper's settings
     out = Path(args.out)
     cli = build_cli(["--config", str(config), "--data.env_id", args.env, "--trainer.max_steps", str(args.steps),
                      "--trainer.val_check_interval", str(args.eval_every), "--data.eval_episodes", "5",
@@ -161,8 +161,12 @@ def random(args: argparse.Namespace) -> None:
 def mix(args: argparse.Namespace) -> None:
     import h5py
 
-    parts = [read_d4rl_hdf5(path) for path in args.inputs]
-    data = torch.cat([p.exclude("episode") for p in parts])
+    parts = [read_d4rl_hdf5(path).exclude("episode") for path in args.inputs]
+    for part in parts:  # an unfinished last episode ends by time-out, so it does not run into the next file's first
+        if not part["next", "done"][-1]:
+            part["next", "truncated"][-1] = True
+            part["next", "done"][-1] = True
+    data = torch.cat(parts)
     with h5py.File(args.inputs[0], "r") as f:
         env_id = f["metadata/env_id"][()].decode() if "metadata/env_id" in f else "unknown"
     _write(data, args, _metadata(args.kind, env_id, None, inputs=" + ".join(map(str, args.inputs))))

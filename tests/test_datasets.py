@@ -83,6 +83,9 @@ def _write_arrays(path, **overrides):
     ({"rewards": None}, "missing dataset(s) ['rewards']"),
     ({"actions": np.zeros((19, 3), np.float32)}, "different lengths"),
     ({"observations": np.full((20, 11), np.nan, np.float32)}, "'observations' contains NaN or inf (first at row 0)"),
+    ({"actions": np.full((20, 3), np.inf, np.float32)}, "'actions' contains NaN or inf"),
+    ({"rewards": np.ones((20, 2), np.float32)}, "'rewards' must hold one value per row"),
+    ({"next_observations": np.zeros((20, 5), np.float32)}, "'next_observations' has shape (5,) per row"),
     ({"observations": np.zeros((0, 11), np.float32), "actions": np.zeros((0, 3), np.float32),
       "rewards": np.zeros(0, np.float32), "terminals": np.zeros(0, bool), "timeouts": np.zeros(0, bool)}, "empty"),
 ])
@@ -94,6 +97,14 @@ def test_bad_d4rl_files_fail_with_a_reason_and_stay_untouched(tmp_path, override
         read_d4rl_hdf5(path)
     assert message in str(err.value) and str(path) in str(err.value)
     assert _digest(path) == before
+
+
+def test_file_without_timeouts_warns_and_ends_episodes_at_terminals(tmp_path):
+    path = tmp_path / "v1.hdf5"
+    _write_arrays(path, timeouts=None, terminals=np.arange(20) % 5 == 4)
+    with pytest.warns(UserWarning, match="no 'timeouts'"):
+        data = read_d4rl_hdf5(path)
+    assert data["episode"].tolist() == [i // 5 for i in range(20)][:data.numel()]
 
 
 def test_not_hdf5_and_missing_file(tmp_path):
@@ -110,6 +121,9 @@ def test_dataset_is_checked_against_the_env(rollout):
     assert check_against_env(rollout, spec, "x") is rollout
     with pytest.raises(ConfigError, match="observations have 11 dims but the env's have 17"):
         check_against_env(rollout, env_spec_of("HalfCheetah-v5"), "x")
+    with pytest.raises(ConfigError, match="actions have 3 dims but the env's have 1"):
+        check_against_env(rollout.exclude("observation").update({"observation": torch.zeros(rollout.numel(), 3)}),
+                          env_spec_of("Pendulum-v1"), "x")
     wide = rollout.clone()
     wide["action"] = wide["action"] * 3
     with pytest.warns(UserWarning, match="outside the env's bounds"):

@@ -118,3 +118,22 @@ def test_relabelling_adds_only_episodes_that_reach_the_demo_mean_return(hopper_f
     assert added["demo"].all()
     torch.testing.assert_close(added["next", "reward"], torch.full((5, 1), good_reward * 2))
     assert len(data.buffer) == rl_before + 9 and not data.buffer.storage[rl_before:rl_before + 9]["demo"].any()
+
+
+def test_resume_restores_both_buffers_and_keeps_updating(hopper_file):
+    kwargs = dict(dataset=str(hopper_file), batch_size=8, buffer_size=1000, relabel=True, max_episode_steps=10)
+    data = _attach(OfflineToOnlineDataModule("Hopper-v5", pretrain_steps=3, **kwargs))
+    stream = iter(data.train_dataloader())
+    for _ in range(30):  # 3 offline updates, then online collection with updates
+        next(stream)
+    data.store(_episode(5, 1e6))  # relabelled into the demo buffer
+    state = data.state_dict()
+    resumed = _attach(OfflineToOnlineDataModule("Hopper-v5", pretrain_steps=3, **kwargs))
+    resumed.load_state_dict(state)
+    resumed.train_dataloader()
+    for name in ("buffer", "demo_buffer"):
+        before, after = getattr(data, name), getattr(resumed, name)
+        assert len(after) == len(before)
+        assert torch.equal(after.storage[:len(after)]["observation"], before.storage[:len(before)]["observation"])
+    assert resumed.frames == data.frames and resumed.updates_done == data.updates_done
+    assert resumed.updates_owed() == data.updates_owed()  # no stall: the same updates are due as before saving
