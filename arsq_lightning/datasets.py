@@ -41,12 +41,15 @@ def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
         raise ConfigError(f"{source}: no such file")
     if not h5py.is_hdf5(path):
         raise ConfigError(f"{source}: not an HDF5 file")
-    with h5py.File(path, "r") as f:
-        missing = [k for k in D4RL_KEYS if k not in f]
-        if missing:
-            raise ConfigError(f"{source}: missing dataset(s) {missing} (D4RL layout needs {list(D4RL_KEYS)})")
-        keys = [*D4RL_KEYS, *(k for k in ("timeouts", "next_observations") if k in f)]
-        arrays = {k: np.asarray(f[k][()]) for k in keys}
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            if missing:
+                raise ConfigError(f"{source}: missing dataset(s) {missing} (D4RL layout needs {list(D4RL_KEYS)})")
+            keys = [*D4RL_KEYS, *(k for k in ("timeouts", "next_observations") if k in f)]
+            arrays = {k: np.asarray(f[k][()]) for k in keys}
+    except OSError as err:  # a damaged file: h5py cannot parse it
+        raise ConfigError(f"{source}: cannot read the HDF5 file ({err})") from None
     if "timeouts" not in arrays:
         warnings.warn(f"{source}: no 'timeouts' dataset: episodes end only at terminals", stacklevel=3)
         arrays["timeouts"] = np.zeros(len(arrays["terminals"]), dtype=bool)

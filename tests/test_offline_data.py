@@ -137,3 +137,18 @@ def test_resume_restores_both_buffers_and_keeps_updating(hopper_file):
         assert torch.equal(after.storage[:len(after)]["observation"], before.storage[:len(before)]["observation"])
     assert resumed.frames == data.frames and resumed.updates_done == data.updates_done
     assert resumed.updates_owed() == data.updates_owed()  # no stall: the same updates are due as before saving
+
+
+def test_cli_fails_fast_on_a_corrupt_dataset_and_leaves_it_untouched(monkeypatch, tmp_path, capsys):
+    from arsq_lightning.cli import main
+
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    corrupt = tmp_path / "corrupt.hdf5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)  # an HDF5 signature and nothing valid after it
+    before = corrupt.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(HOPPER_MR), "--data.dataset", str(corrupt)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(corrupt) in err.splitlines()[0]
+    assert corrupt.read_bytes() == before
