@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 from tensordict import TensorDictBase
-from torch import Tensor, nn
+from torch import Tensor
 
 from arsq_lightning.critic import ARSQCritic
 from arsq_lightning.errors import require
@@ -55,7 +55,7 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
     return (per_sample * demo).sum(-1) / demo.sum().clamp(min=1.0)
 
 
-class ARSQLoss(nn.Module):
+class ARSQLoss:
     """Soft Bellman + conservative loss of one batch.
 
     Keyword Args:
@@ -75,7 +75,6 @@ class ARSQLoss(nn.Module):
     def __init__(self, *, gamma: float = 0.99, td_weight: float = 1.0, conservative: Conservative = "none",
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
                  cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo"):
-        super().__init__()
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
         require(cql_temperature > 0, f"cql_temperature must be positive, got {cql_temperature}")
         require(clip_min <= clip_max, f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
@@ -85,7 +84,11 @@ class ARSQLoss(nn.Module):
         self.conservative_weight, self.clip_min, self.clip_max = conservative_weight, clip_min, clip_max
         self.cql_temperature, self.demo_reduction, self.demo_key = cql_temperature, demo_reduction, demo_key
 
-    def forward(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"ARSQLoss({settings})"
+
+    def __call__(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
         """Returns ``loss`` (to minimise) and detached diagnostics ``loss_td``, ``loss_conservative``, ``q``,
         ``target``."""
         q, adv, codes = critic.evaluate(batch["observation"], batch["action"])
