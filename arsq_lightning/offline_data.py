@@ -109,7 +109,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
             self._pending_buffer_state = None
 
     def load_state_dict(self, state: dict) -> None:
-        """Counters and buffers as :meth:`OnlineDataModule.load_state_dict`; restored frames count as a finished round."""
+        """As :meth:`OnlineDataModule.load_state_dict`; the restored frames count as a finished round."""
         super().load_state_dict(state)
         self._round_frames = self.frames
 

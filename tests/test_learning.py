@@ -9,7 +9,8 @@ from arsq_lightning.cli import build_cli
 from helpers import QUICKSTART, use_tmp_mlflow
 
 SHORT_RUN = ["--trainer.max_steps", "3000", "--trainer.val_check_interval", "3000",
-             "--trainer.log_every_n_steps", "500", "--trainer.enable_progress_bar", "false", "--data.init_random_frames", "500", "--data.batch_size", "128",
+             "--trainer.log_every_n_steps", "500", "--trainer.enable_progress_bar", "false",
+             "--data.init_random_frames", "500", "--data.batch_size", "128",
              "--model.head.init_args.hidden_dims", "[64,64]", "--model.optimizer.init_args.lr", "0.001"]
 
 
