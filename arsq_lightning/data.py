@@ -142,10 +142,14 @@ class OnlineDataModule(L.LightningDataModule):
         return TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=batch_size, generator=generator)
 
     def _build_buffer(self) -> None:
-        self.buffer = self._make_buffer(self.hparams.buffer_size, self.hparams.batch_size)
+        """Create the buffers, then restore a checkpoint's contents if one was loaded before they existed."""
+        self._create_buffers()
         if self._pending_buffer_state is not None:
             self._restore_buffers(self._pending_buffer_state)
             self._pending_buffer_state = None
+
+    def _create_buffers(self) -> None:
+        self.buffer = self._make_buffer(self.hparams.buffer_size, self.hparams.batch_size)
 
     def sample(self) -> TensorDictBase:
         """One training batch."""

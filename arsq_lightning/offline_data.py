@@ -97,16 +97,13 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         data["action"] = data["action"].clamp(centre - half, centre + half)
         return data
 
-    def _build_buffer(self) -> None:
+    def _create_buffers(self) -> None:
         hp = self.hparams
         self.buffer = self._make_buffer(hp.buffer_size, hp.batch_size - self.demo_batch)
         self.buffer.extend(self.split.rl.select(*STORED_KEYS)[-hp.buffer_size:])  # keeps the highest returns
         capacity = max(1, int(self.split.demo.numel() * hp.demo_buffer_factor))
         self.demo_buffer = self._make_buffer(capacity, max(1, self.demo_batch), seed_offset=1)
         self.demo_buffer.extend(self.split.demo.select(*STORED_KEYS))
-        if self._pending_buffer_state is not None:
-            self._restore_buffers(self._pending_buffer_state)
-            self._pending_buffer_state = None
 
     def load_state_dict(self, state: dict) -> None:
         """As :meth:`OnlineDataModule.load_state_dict`; the restored frames count as a finished round."""
