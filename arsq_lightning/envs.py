@@ -3,10 +3,17 @@
 ``make_env`` builds a ``GymEnv`` with the transforms every part of the project relies on: float32 observations,
 a step counter (and optional time limit), and the running episode return ``episode_reward``. ``EnvSpec`` holds the
 sizes linked from the data module into the model by the CLI, so they are never typed in YAML.
+
+Ids of the form ``suite:name`` (``metaworld:reach-v3``, ``dmc:cheetah-run``, ``rlbench:reach_target``) go to the
+suite's own module ``arsq_lightning.envs_<suite>``, imported only when used, which provides
+``make_base_env(name, *, seed, max_episode_steps, **kwargs) -> EnvBase`` and ``env_spec_of(name, **kwargs)``.
+A suite env's ``observation`` is a flat float vector or a nested TensorDict (e.g. ``pixels`` uint8 + ``proprio``),
+described by ``EnvSpec.observation_shapes``.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -19,11 +26,22 @@ from arsq_lightning.errors import ConfigError
 
 @dataclass
 class EnvSpec:
-    """Sizes of an environment: observation size and box action bounds (one value per action dim)."""
+    """Sizes of an environment: observation size and box action bounds (one value per action dim).
+
+    ``observation_shapes`` is ``None`` for a flat vector observation of size ``obs_dim``; for a nested observation
+    it maps each entry under ``observation`` to its shape (e.g. ``{"pixels": [4, 9, 84, 84], "proprio": [4]}``) and
+    ``obs_dim`` is the total number of elements.
+    """
 
     obs_dim: int
     action_low: list[float] = field(default_factory=list)
     action_high: list[float] = field(default_factory=list)
+    observation_shapes: dict[str, list[int]] | None = None
+
+    @property
+    def encoder_input(self) -> int | dict[str, list[int]]:
+        """What an encoder factory is called with: ``obs_dim`` for vectors, ``observation_shapes`` otherwise."""
+        return self.obs_dim if self.observation_shapes is None else self.observation_shapes
 
     @property
     def action_dim(self) -> int:
@@ -48,6 +66,13 @@ def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None
     Raises:
         ConfigError: unknown id, or a non-box / non-vector space.
     """
+    suite = _suite(env_id)
+    if suite is not None:
+        base = suite.make_base_env(env_id.partition(":")[2], seed=seed, max_episode_steps=max_episode_steps,
+                                   **env_kwargs)
+        env = TransformedEnv(base, Compose(StepCounter(), DoubleToFloat(), RewardSum()))
+        env.set_seed(seed)
+        return env
     try:
         gym.spec(env_id)
     except gym.error.Error as err:
@@ -61,7 +86,10 @@ def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None
 
 
 def env_spec_of(env_id: str, **env_kwargs) -> EnvSpec:
-    """Read :class:`EnvSpec` from gymnasium's spaces without building a TorchRL env."""
+    """Read :class:`EnvSpec` from gymnasium's spaces (or the suite's module) without building a TorchRL env."""
+    suite = _suite(env_id)
+    if suite is not None:
+        return suite.env_spec_of(env_id.partition(":")[2], **env_kwargs)
     try:
         probe = gym.make(env_id, **env_kwargs)
     except gym.error.Error as err:
@@ -76,3 +104,17 @@ def env_spec_of(env_id: str, **env_kwargs) -> EnvSpec:
         raise ConfigError(f"{env_id}: only Box observation spaces are supported for now, got {obs_space}")
     return EnvSpec(obs_dim=int(np.prod(obs_space.shape)), action_low=act_space.low.astype(float).tolist(),
                    action_high=act_space.high.astype(float).tolist())
+
+
+SUITES = ("metaworld", "dmc", "rlbench")
+
+
+def _suite(env_id: str):
+    """The suite module for ``suite:name`` ids, ``None`` for gymnasium ids."""
+    prefix, colon, _ = env_id.partition(":")
+    if not colon:
+        return None
+    if prefix not in SUITES:
+        raise ConfigError(f"unknown env suite {prefix!r} in {env_id!r}: use a gymnasium id or one of "
+                          + ", ".join(f"{name}:<task>" for name in SUITES))
+    return importlib.import_module(f"arsq_lightning.envs_{prefix}")

@@ -64,7 +64,7 @@ class ARSQModule(L.LightningModule):
         if not 0.0 < tau <= 1.0:
             raise ConfigError(f"model.tau must lie in (0, 1], got {tau}")
         self.save_hyperparameters()
-        enc = encoder(env_spec.obs_dim)
+        enc = encoder(env_spec.encoder_input)
         disc = discretizer(list(env_spec.action_low), list(env_spec.action_high))
         self.critic = ARSQCritic(enc, disc, head(enc.out_dim, disc.action_dim, disc.levels, disc.bins),
                                  soft_alpha=soft_alpha, act_alpha=act_alpha, act_network=act_network,
