@@ -3,9 +3,12 @@
 The building blocks compose in user code; see the README's "Compose your own" section.
 """
 
+from arsq_lightning.cqn_critic import CQNCritic
+from arsq_lightning.cqn_head import CQNHead
+from arsq_lightning.cqn_loss import CQNLoss, c51_projection
 from arsq_lightning.critic import ARSQCritic, soft_advantages
 from arsq_lightning.data import CollectAndSample, OnlineDataModule
-from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
+from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer, QuantileDiscretizer
 from arsq_lightning.encoders import FlattenEncoder, MLPEncoder
 from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
 from arsq_lightning.errors import ConfigError
@@ -19,9 +22,10 @@ from arsq_lightning.policy import ARSQActor, make_actor
 
 __version__ = "0.1.0"
 __all__ = [
-    "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CoarseToFineDiscretizer",
-    "CollectAndSample", "ConfigError", "DemoSplit", "Discretizer", "EnvSpec", "FlattenEncoder", "MLPEncoder",
-    "OfflineToOnlineDataModule", "OnlineDataModule", "check_against_env", "conservative_penalty", "env_spec_of",
-    "make_actor", "make_env", "normalized_score", "read_d4rl_hdf5", "read_minari", "soft_advantages",
+    "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CQNCritic", "CQNHead", "CQNLoss",
+    "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "DemoSplit", "Discretizer", "EnvSpec",
+    "FlattenEncoder", "MLPEncoder", "OfflineToOnlineDataModule", "OnlineDataModule", "QuantileDiscretizer",
+    "c51_projection", "check_against_env", "conservative_penalty", "env_spec_of", "make_actor", "make_env",
+    "normalized_score", "read_d4rl_hdf5", "read_minari", "soft_advantages",
     "split_demos", "write_d4rl_hdf5",
 ]

@@ -61,6 +61,8 @@ class ARSQCritic(nn.Module):
         require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
         require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
+        require(hasattr(head, "advantage_logits"), "the ARSQ critic needs an auto-regressive head such as "
+                f"AutoregressiveHead, got {type(head).__name__}: set model.critic to arsq_lightning.CQNCritic for CQN")
         self.encoder, self.discretizer, self.head = encoder, discretizer, head
         self.target_head = copy.deepcopy(head).requires_grad_(False)
         self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
@@ -82,7 +84,7 @@ class ARSQCritic(nn.Module):
         """
         features = self.encoder(obs)
         codes = self.discretizer.encode(action)  # [B, L, D]
-        logits = self.head.advantage_logits(features, self.discretizer.conditioning(codes))
+        logits = self.head.advantage_logits(features, self.discretizer.conditioning(codes, self.head.order))
         adv = soft_advantages(logits, self.soft_alpha)
         flat_codes = codes.flatten(-2)  # position i = l * D + d
         index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
@@ -116,15 +118,18 @@ class ARSQCritic(nn.Module):
         prefix = [torch.zeros(features.shape[0], dtype=torch.float64, device=features.device)] * disc.action_dim
         cond = torch.zeros(features.shape[0], disc.action_dim, device=features.device)  # unit-space midpoints m_i
         for lvl in range(disc.levels):
-            for dim in range(disc.action_dim):
-                position = lvl * disc.action_dim + dim
-                logits = head.position_logits(features, cond, position, cache)
-                # min_k of the act_alpha-normalised advantages, over act_alpha: the argmax is the greedy bin, and
-                # the argmax after adding Gumbel noise is a sample of softmax(scores).
-                scores = torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)  # [B, K]
-                choice = (scores if noise is None else scores + noise[position]).argmax(-1)
-                prefix[dim] = prefix[dim] * disc.bins + choice
-                cond[:, dim] = disc.midpoint(prefix[dim], lvl + 1)  # zoom in on dim
+            for group in head.groups:  # the dims of a group see the same conditioning (one dim each in ARSQ)
+                choices = []
+                for dim in group:
+                    position = lvl * disc.action_dim + dim
+                    logits = head.position_logits(features, cond, position, cache)
+                    # min_k of the act_alpha-normalised advantages, over act_alpha: the argmax is the greedy bin,
+                    # and the argmax after adding Gumbel noise is a sample of softmax(scores).
+                    scores = torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)  # [B, K]
+                    choices.append((scores if noise is None else scores + noise[position]).argmax(-1))
+                for dim, choice in zip(group, choices):
+                    prefix[dim] = prefix[dim] * disc.bins + choice
+                    cond[:, dim] = disc.midpoint(prefix[dim], lvl + 1)  # zoom in on dim
         return disc.from_unit(cond)
 
     @torch.no_grad()

@@ -24,6 +24,16 @@ _BOUNDARY_ULPS = 4
 _MAX_TOLERANCE_CELLS = 1e-3
 
 
+def decision_depth(levels: int, order: Tensor) -> Tensor:
+    """``depth[l, d, d']``: levels of dim ``d'`` decided before position ``(l, d)``, ``[L, D, D]`` long.
+
+    ``order[d]`` is the rank of dim ``d``'s group within a level: ``d'`` is one level further than ``l`` when its group
+    comes before ``d``'s (``order[d'] < order[d]``).
+    """
+    earlier = (order.view(1, -1) < order.view(-1, 1)).long()  # [D, D]: d' decided before d within a level
+    return torch.arange(levels, device=order.device).view(levels, 1, 1) + earlier.unsqueeze(0)
+
+
 class Discretizer(nn.Module):
     """Interface shared by discretizers: continuous actions <-> integer codes ``[..., L, D]``.
 
@@ -47,7 +57,7 @@ class Discretizer(nn.Module):
     def decode(self, codes: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def conditioning(self, codes: Tensor) -> Tensor:  # pragma: no cover - interface
+    def conditioning(self, codes: Tensor, order: Tensor | None = None) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
     def midpoint(self, prefix: Tensor, depth: Tensor | int) -> Tensor:  # pragma: no cover - interface
@@ -101,9 +111,7 @@ class CoarseToFineDiscretizer(Discretizer):
         self.register_buffer("mid_scale", torch.tensor(self._scale, dtype=torch.float64), persistent=False)
         self.register_buffer("mid_offset", torch.tensor(self._offset, dtype=torch.float64), persistent=False)
         # depth[l, d, d'] = how many levels of dim d' are decided before position (l, d) (level-major order, §2.3).
-        lvl = torch.arange(levels).view(levels, 1, 1)
-        earlier_dim = torch.ones(self.action_dim, self.action_dim).tril(-1).bool().unsqueeze(0)  # d' < d
-        self.register_buffer("depth", (lvl + earlier_dim.long()).long())  # [L, D, D]
+        self.register_buffer("depth", decision_depth(levels, torch.arange(self.action_dim)))  # [L, D, D]
 
     # --- affine map between env bounds and the unit box ---------------------------------------------------------
     def to_unit(self, action: Tensor) -> Tensor:
@@ -158,14 +166,21 @@ class CoarseToFineDiscretizer(Discretizer):
             return (prefix.to(torch.float64) * self._scale[depth] + self._offset[depth]).float()
         return (prefix.to(torch.float64) * self.mid_scale[depth] + self.mid_offset[depth]).float()
 
-    def conditioning(self, codes: Tensor) -> Tensor:
+    def conditioning(self, codes: Tensor, order: Tensor | None = None) -> Tensor:
         """Codes ``[..., L, D]`` -> conditioning vectors ``[..., N, D]`` in level-major order (§2.3).
 
         Row ``i = l * D + d`` holds, for every dim ``d'``, the unit-space midpoint of ``d'``'s interval once all
-        positions before ``i`` are decided (teacher forcing: the prefix comes from ``codes``).
+        positions decided before ``i`` are decided (teacher forcing: the prefix comes from ``codes``).
+
+        Args:
+            codes: ``[..., L, D]``.
+            order: ``[D]`` long, the rank of each dim's group within a level (dims of one group are decided
+                together); ``None`` is ``arange(D)``, ARSQ's one-dim-at-a-time order. All zeros is CQN's order:
+                every dim of level ``l`` sees the midpoints after ``l`` levels of all dims.
         """
         prefixes = self.prefix(codes)  # [..., L + 1, D]
-        depth = self.depth.reshape(self.num_positions, self.action_dim)  # [N, D]
+        depth = self.depth if order is None else decision_depth(self.levels, order.to(self.depth.device))
+        depth = depth.reshape(self.num_positions, self.action_dim)  # [N, D]
         depth = depth.expand(*prefixes.shape[:-2], *depth.shape)
         return self.midpoint(torch.gather(prefixes, -2, depth), depth)
 
@@ -177,3 +192,71 @@ class CoarseToFineDiscretizer(Discretizer):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, bins={self.bins}, action_dim={self.action_dim}"
+
+
+class QuantileDiscretizer(CoarseToFineDiscretizer):
+    """Coarse-to-fine grid whose cells follow the data: equal-mass bins per dimension (data-adaptive discretisation).
+
+    The uniform grid of :class:`CoarseToFineDiscretizer` is laid in a warped unit space: ``to_unit`` is the
+    per-dimension empirical CDF of the fitted actions (piecewise linear through ``knots`` quantiles, mixed with the
+    uniform map by ``uniform_mix`` so every knot interval keeps some width), so each top-level bin holds about the same
+    share of the data and finer levels split the dense regions more finely in env units. Encode / decode / zoom-in /
+    conditioning are inherited unchanged (they work in unit space); only the env <-> unit map differs.
+    Until :meth:`fit` is called the map is the uniform one.
+
+    Args:
+        low, high: action bounds ``[D]``.
+
+    Keyword Args:
+        levels, bins: as :class:`CoarseToFineDiscretizer`.
+        knots: quantile intervals per dimension (the CDF is linear inside each).
+        uniform_mix: weight of the uniform map in ``[0, 1]`` (0: pure quantiles; must be > 0 if the data has atoms).
+    """
+
+    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *, levels: int = 3,
+                 bins: int = 5, knots: int = 64, uniform_mix: float = 0.1):
+        super().__init__(low, high, levels=levels, bins=bins)
+        require(knots >= 1, f"knots must be >= 1, got {knots}")
+        require(0.0 <= uniform_mix <= 1.0, f"uniform_mix must lie in [0, 1], got {uniform_mix}")
+        self.uniform_mix = uniform_mix
+        uniform = torch.linspace(0.0, 1.0, knots + 1, dtype=torch.float64)
+        edges = self.low.double().unsqueeze(-1) + uniform * (self.high - self.low).double().unsqueeze(-1)
+        self.register_buffer("edges", edges)  # [D, knots + 1] env-space action at unit -1 + 2 j / knots
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, actions: Tensor) -> None:
+        """Set the map from env actions ``[n, D]``: knot ``j`` of dim ``d`` = the ``j / knots`` quantile (mixed)."""
+        require(actions.dim() == 2 and actions.shape[-1] == self.action_dim and actions.shape[0] > 0,
+                f"fit needs actions [n, {self.action_dim}], got {list(actions.shape)}")
+        clipped = torch.minimum(torch.maximum(actions.double(), self.low.double()), self.high.double())
+        levels = torch.linspace(0.0, 1.0, self.edges.shape[-1], dtype=torch.float64, device=clipped.device)
+        quantiles = torch.quantile(clipped, levels, dim=0).T  # [D, knots + 1]
+        quantiles[:, 0], quantiles[:, -1] = self.low.double(), self.high.double()
+        uniform = self.low.double().unsqueeze(-1) + levels * (self.high - self.low).double().unsqueeze(-1)
+        edges = (1.0 - self.uniform_mix) * quantiles + self.uniform_mix * uniform
+        require(bool((edges.diff(dim=-1) > 0).all()), "the fitted action quantiles repeat (atoms in the data): "
+                "raise discretizer uniform_mix above 0")
+        self.edges.copy_(edges.to(self.edges.device))
+        self.fitted.fill_(True)
+
+    def to_unit(self, action: Tensor) -> Tensor:
+        """Env-space action ``[..., D]`` -> warped ``[-1, 1]^D`` (the mixed empirical CDF, scaled)."""
+        knots = self.edges.shape[-1] - 1
+        x = action.to(torch.float64).reshape(-1, self.action_dim).T.contiguous()  # [D, n]
+        j = (torch.searchsorted(self.edges, x, right=True) - 1).clamp(0, knots - 1)  # interval index
+        lo, hi = self.edges.gather(-1, j), self.edges.gather(-1, j + 1)
+        unit = -1.0 + 2.0 * (j + (x - lo) / (hi - lo)) / knots
+        out_dtype = torch.promote_types(action.dtype, torch.float32) if action.is_floating_point() else torch.float32
+        return unit.T.reshape(action.shape).to(out_dtype)
+
+    def from_unit(self, unit: Tensor) -> Tensor:
+        """Warped ``[-1, 1]^D`` -> env-space action ``[..., D]`` (the inverse map)."""
+        knots = self.edges.shape[-1] - 1
+        s = ((unit.to(torch.float64).reshape(-1, self.action_dim).T + 1.0) * 0.5 * knots).contiguous()  # [D, n]
+        j = s.floor().clamp(0, knots - 1).long()
+        lo, hi = self.edges.gather(-1, j), self.edges.gather(-1, j + 1)
+        return (lo + (s - j) * (hi - lo)).T.reshape(unit.shape).to(unit.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, knots={self.edges.shape[-1] - 1}, fitted={bool(self.fitted)}"

@@ -30,13 +30,15 @@ class EnvSpec:
 
     ``observation_shapes`` is ``None`` for a flat vector observation of size ``obs_dim``; for a nested observation
     it maps each entry under ``observation`` to its shape (e.g. ``{"pixels": [4, 9, 84, 84], "proprio": [4]}``) and
-    ``obs_dim`` is the total number of elements.
+    ``obs_dim`` is the total number of elements. ``success_reward`` marks sparse success tasks, whose evaluation also
+    logs a success rate.
     """
 
     obs_dim: int
     action_low: list[float] = field(default_factory=list)
     action_high: list[float] = field(default_factory=list)
     observation_shapes: dict[str, list[int]] | None = None
+    success_reward: bool = False  # reward is 1 on the success step (which ends the episode), else 0: return = success
 
     @property
     def encoder_input(self) -> int | dict[str, list[int]]:

@@ -5,6 +5,10 @@ positions, in one batched call. Position ``i`` is read from the output slot ``i 
 ``i // qchunk`` applied to ``(features, m_i)``; with the default ``qchunk = -1`` (= ``N``) one trunk with ``N``
 output slots serves every position, with ``qchunk = 1`` each position has its own MLP.
 
+With ``groups`` the dimensions of one level are split into groups decided together: every dim of a group sees the
+same conditioning (the midpoints of the groups decided before it), so ``groups = D`` (default) is ARSQ's fully
+auto-regressive order and ``groups = 1`` is CQN's factorisation, independent across the dims of a level.
+
 Shapes: ``F`` feature dim, ``D`` action dims, ``N`` positions, ``K`` bins, ``C`` critics.
 """
 
@@ -17,6 +21,19 @@ from torch import Tensor, nn
 
 from arsq_lightning.errors import require
 from arsq_lightning.layers import EnsembleLinear, EnsembleMLP, orthogonal_
+
+
+def dim_groups(action_dim: int, groups: int | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Normalise a ``groups`` option (see :class:`AutoregressiveHead`) to a list of dim lists in decision order."""
+    if isinstance(groups, int):
+        count = action_dim if groups == -1 else groups
+        require(1 <= count <= action_dim, f"head groups must be -1 or in 1..{action_dim} (action dims), got {groups}")
+        return [chunk.tolist() for chunk in torch.arange(action_dim).tensor_split(count)]
+    result = [[int(d) for d in group] for group in groups]
+    flat = sorted(d for group in result for d in group)
+    require(flat == list(range(action_dim)) and all(result),
+            f"head groups {result} must split the dims 0..{action_dim - 1} into non-empty groups, each dim once")
+    return result
 
 
 class AutoregressiveHead(nn.Module):
@@ -34,12 +51,20 @@ class AutoregressiveHead(nn.Module):
         qchunk: positions per advantage MLP; ``-1`` means all ``N`` (one shared trunk). Must divide ``N``.
         num_critics: ``C``; 2 gives the twin critics of §3.
         out_gain: orthogonal-init gain of the output layers (official: 0.01).
+        groups: dims decided together within a level: ``-1`` (one group per dim, ARSQ), a number ``g`` of contiguous
+            groups of near-equal size, or explicit groups ``[[0, 2], [1]]`` (a partition of the dims, in decision order).
     """
 
     def __init__(self, feature_dim: int, action_dim: int, levels: int, bins: int, *,
                  hidden_dims: Sequence[int] = (512, 512, 512), activation: str = "tanh", qchunk: int = -1,
-                 num_critics: int = 2, out_gain: float = 0.01):
+                 num_critics: int = 2, out_gain: float = 0.01, groups: int | Sequence[Sequence[int]] = -1):
         super().__init__()
+        self.groups = dim_groups(action_dim, groups)
+        order = torch.empty(action_dim, dtype=torch.long)
+        for rank, group in enumerate(self.groups):
+            order[group] = rank
+        # None keeps the plain one-dim-at-a-time order (no per-call depth table); else the rank of each dim's group.
+        self.register_buffer("order", None if order.equal(torch.arange(action_dim)) else order, persistent=False)
         positions = levels * action_dim
         chunk = positions if qchunk == -1 else qchunk
         require(chunk >= 1 and positions % chunk == 0,

@@ -72,6 +72,8 @@ class ARSQLoss:
     ``("next", "reward")``, ``("next", "terminated")`` and optionally ``demo``.
     """
 
+    critic_type = ARSQCritic
+
     def __init__(self, *, gamma: float = 0.99, td_weight: float = 1.0, conservative: Conservative = "none",
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
                  cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo"):

@@ -2,7 +2,9 @@
 
 Pluggable parts arrive as factories, so a config names a class and its own options while the sizes come from the
 environment (``env_spec``, linked by the CLI from the data module):
-``encoder(obs_dim)``, ``discretizer(action_low, action_high)``, ``head(feature_dim, action_dim, levels, bins)``.
+``encoder(obs_dim)``, ``discretizer(action_low, action_high)``, ``head(feature_dim, action_dim, levels, bins)``
+and optionally ``critic(encoder, discretizer, head)`` (default: ARSQ's :class:`ARSQCritic`; the CQN baseline is
+``critic: arsq_lightning.CQNCritic`` with ``head: arsq_lightning.CQNHead`` and ``loss: arsq_lightning.CQNLoss``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 
+from arsq_lightning.cqn_critic import CQNCritic
+from arsq_lightning.cqn_loss import CQNLoss
 from arsq_lightning.critic import ARSQCritic
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.encoders import FlattenEncoder
@@ -28,6 +32,7 @@ from arsq_lightning.loss import ARSQLoss
 EncoderFactory = Callable[[int], nn.Module]
 DiscretizerFactory = Callable[[list, list], Discretizer]
 HeadFactory = Callable[[int, int, int, int], nn.Module]
+CriticFactory = Callable[[nn.Module, Discretizer, nn.Module], nn.Module]
 
 
 def _adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -44,10 +49,12 @@ class ARSQModule(L.LightningModule):
         encoder: ``obs_dim -> module`` (default :class:`FlattenEncoder`).
         discretizer: ``(low, high) -> discretizer`` (default :class:`CoarseToFineDiscretizer`, 3 levels x 5 bins).
         head: ``(feature_dim, action_dim, levels, bins) -> head`` (default :class:`AutoregressiveHead`).
+        critic: ``(encoder, discretizer, head) -> critic``; ``None`` builds an :class:`ARSQCritic` from the four
+            options below (``soft_alpha`` ... ``compile_act``), which apply to it only.
         soft_alpha: training temperature ``alpha_s``.
         act_alpha: acting temperature ``alpha_a`` (``None``: same as ``soft_alpha``).
         act_network: ``online`` or ``target`` networks act.
-        loss: the loss (default :class:`ARSQLoss` with no conservative term).
+        loss: the loss (default: the critic's own, :class:`ARSQLoss` with no conservative term for ARSQ).
         optimizer: ``params -> optimizer`` (default Adam, lr 3e-4, as official D4RL).
         tau: Polyak rate of the target networks.
         compile_act: compile the position-by-position acting loop with ``torch.compile`` (see ``ARSQCritic``).
@@ -55,8 +62,8 @@ class ARSQModule(L.LightningModule):
 
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
                  discretizer: DiscretizerFactory = CoarseToFineDiscretizer, head: HeadFactory = AutoregressiveHead,
-                 soft_alpha: float = 0.01, act_alpha: float | None = None,
-                 act_network: Literal["online", "target"] = "online", loss: ARSQLoss | None = None,
+                 critic: CriticFactory | None = None, soft_alpha: float = 0.01, act_alpha: float | None = None,
+                 act_network: Literal["online", "target"] = "online", loss: ARSQLoss | CQNLoss | None = None,
                  optimizer: OptimizerCallable = _adam, tau: float = 0.005, compile_act: bool = False):
         super().__init__()
         if env_spec is None:
@@ -66,10 +73,16 @@ class ARSQModule(L.LightningModule):
         self.save_hyperparameters()
         enc = encoder(env_spec.encoder_input)
         disc = discretizer(list(env_spec.action_low), list(env_spec.action_high))
-        self.critic = ARSQCritic(enc, disc, head(enc.out_dim, disc.action_dim, disc.levels, disc.bins),
-                                 soft_alpha=soft_alpha, act_alpha=act_alpha, act_network=act_network,
-                                 compile_act=compile_act)
-        self.loss_fn = loss if loss is not None else ARSQLoss()
+        net = head(enc.out_dim, disc.action_dim, disc.levels, disc.bins)
+        if critic is None:
+            self.critic = ARSQCritic(enc, disc, net, soft_alpha=soft_alpha, act_alpha=act_alpha,
+                                     act_network=act_network, compile_act=compile_act)
+        else:
+            self.critic = critic(enc, disc, net)
+        self.loss_fn = loss if loss is not None else (CQNLoss() if isinstance(self.critic, CQNCritic) else ARSQLoss())
+        if not isinstance(self.critic, self.loss_fn.critic_type):
+            raise ConfigError(f"model.loss {type(self.loss_fn).__name__} trains a {self.loss_fn.critic_type.__name__}, "
+                              f"but model.critic is a {type(self.critic).__name__}")
         self.optimizer_factory = optimizer
         self.tau = tau
         self.register_buffer("grad_updates", torch.zeros((), dtype=torch.long))
@@ -82,6 +95,20 @@ class ARSQModule(L.LightningModule):
     def act(self, obs: Tensor, *, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
         """Env-space actions ``[B, D]`` for observations ``[B, obs_dim]``."""
         return self.critic.act(obs, deterministic=deterministic, generator=generator)
+
+    def setup(self, stage: str) -> None:
+        """Fit a data-adaptive discretizer (one with ``fit``) to the data module's actions, once, before training.
+
+        A resumed run restores the fitted map from the checkpoint afterwards, so the map never changes mid-run.
+        """
+        disc = self.critic.discretizer
+        if stage != "fit" or not hasattr(disc, "fit") or bool(disc.fitted):
+            return
+        samples = getattr(self.trainer.datamodule, "action_samples", lambda: None)()
+        if samples is None:
+            raise ConfigError(f"model.discretizer {type(disc).__name__} is fitted to dataset actions, but "
+                              f"{type(self.trainer.datamodule).__name__} has none: use a dataset data module")
+        disc.fit(samples.to(disc.low.device))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.critic.online_parameters())
@@ -156,4 +183,6 @@ class ARSQModule(L.LightningModule):
                        f"{prefix}/episodes": float(returns.numel()), f"{prefix}/env_frames": frames},
                       prog_bar=False, batch_size=1)  # identical on every rank after the gather
         self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, logger=False)
+        if self.hparams.env_spec.success_reward:  # return 1 = success (sparse reward, episode ends on success)
+            self.log(f"{prefix}/success_rate", (returns > 0.5).double().mean().float(), prog_bar=True, batch_size=1)
         self.last_eval_step = self.trainer.global_step

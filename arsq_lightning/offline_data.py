@@ -97,6 +97,10 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         data["action"] = data["action"].clamp(centre - half, centre + half)
         return data
 
+    def action_samples(self) -> torch.Tensor:
+        """The dataset's actions ``[n, D]`` (RL part and demo window), e.g. to fit a data-adaptive discretizer."""
+        return torch.cat([self.split.rl["action"], self.split.demo["action"]])
+
     def _create_buffers(self) -> None:
         hp = self.hparams
         self.buffer = self._make_buffer(hp.buffer_size, hp.batch_size - self.demo_batch)

@@ -6,25 +6,31 @@ import pytest
 import torch
 import yaml
 
-from arsq_lightning import ARSQModule, AutoregressiveHead, OnlineDataModule
+from arsq_lightning import ARSQModule, AutoregressiveHead, CQNCritic, CQNHead, CQNLoss, OnlineDataModule
 from arsq_lightning.cli import build_cli, main
-from helpers import CONFIGS, QUICKSTART, REPO, TINY, only_run, use_tmp_mlflow, write_random_dataset
+from helpers import QUICKSTART, RUNNABLE_CONFIGS, REPO, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", RUNNABLE_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
     extra = []
-    if "d4rl" in config.parts:  # point the dataset at a small file from the right env
-        env_id = yaml.safe_load(config.read_text())["data"]["init_args"]["env_id"]
+    data = yaml.safe_load(config.read_text())["data"]
+    if "dataset" in data["init_args"]:  # point the dataset at a small file from the right env
+        env_id = data["init_args"]["env_id"]
         extra = ["--data.dataset", str(write_random_dataset(env_id, tmp_path / "data.hdf5"))]
     cli = build_cli(["--config", str(config), *extra], run=False)
     assert isinstance(cli.model, ARSQModule) and isinstance(cli.datamodule, OnlineDataModule)
     spec, disc = cli.datamodule.env_spec, cli.model.critic.discretizer
     assert disc.action_dim == spec.action_dim  # sizes linked from the env, not typed in YAML
     assert torch.equal(disc.low, torch.tensor(spec.action_low, dtype=torch.float32))
-    assert isinstance(cli.model.critic.head, AutoregressiveHead)
-    assert cli.model.critic.head.num_positions == disc.levels * spec.action_dim
+    head = cli.model.critic.head
+    if isinstance(head, CQNHead):  # the CQN baseline
+        assert isinstance(cli.model.critic, CQNCritic) and isinstance(cli.model.loss_fn, CQNLoss)
+        assert (head.action_dim, head.levels, head.bins) == (spec.action_dim, disc.levels, disc.bins)
+    else:
+        assert isinstance(head, AutoregressiveHead)
+        assert head.num_positions == disc.levels * spec.action_dim
 
 
 def test_hopper_config_trains_a_few_updates(monkeypatch, tmp_path):
@@ -108,6 +114,11 @@ def test_resume_restores_counters_and_replay_buffer(monkeypatch, tmp_path):
     (["--model.no_such_key", "1"], "no_such_key"),
     (["--data.utd_ratio", "0"], "utd_ratio must be positive"),
     (["--model.head.init_args.activation", "sigmoidz"], "unknown activation 'sigmoidz'"),
+    (["--model.head.init_args.groups", "3"], "head groups must be -1 or in 1..1"),
+    # parts that do not fit together
+    (["--model.discretizer", "arsq_lightning.QuantileDiscretizer"], "has none: use a dataset data module"),
+    (["--model.loss", "arsq_lightning.CQNLoss"], "CQNLoss trains a CQNCritic"),
+    (["--model.head", "arsq_lightning.CQNHead"], "got CQNHead: set model.critic to arsq_lightning.CQNCritic"),
 ])
 def test_bad_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)

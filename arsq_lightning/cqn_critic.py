@@ -1,0 +1,96 @@
+"""The CQN baseline's critic: encoder + discretizer + :class:`~arsq_lightning.cqn_head.CQNHead` + target copy
+(ALGORITHM.md §6.3, §6.4).
+
+Acting goes level by level: expected Q per (dim, bin), an independent argmax per dim (a uniformly random bin where
+the Q values of a dim are within ``tie_tolerance`` of each other, e.g. right after the zero init), then every dim zooms
+in. Exploration adds Gaussian noise to the greedy action in unit space and re-quantises it onto the grid.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from arsq_lightning.cqn_head import CQNHead
+from arsq_lightning.discretizers import Discretizer
+from arsq_lightning.errors import require
+
+
+class CQNCritic(nn.Module):
+    """Coarse-to-fine Q-network with a target copy of the head (the encoder has none, §6.4).
+
+    Args:
+        encoder: ``obs [B, ...] -> features [B, F]``.
+        discretizer: the action grid.
+        head: a :class:`CQNHead`.
+
+    Keyword Args:
+        act_network: ``online`` (official D4RL port, DMC) or ``target`` (official RLBench) networks select actions.
+        exploration_std: std of the Gaussian noise added in unit space when exploring (D4RL 0.1, RLBench 0.01).
+        tie_tolerance: a dim whose ``max_b Q - min_b Q`` is below this picks a uniformly random bin (official 1e-4).
+    """
+
+    def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *,
+                 act_network: Literal["online", "target"] = "online", exploration_std: float = 0.1,
+                 tie_tolerance: float = 1e-4):
+        super().__init__()
+        require(isinstance(head, CQNHead), f"the CQN critic needs model.head CQNHead, got {type(head).__name__}")
+        require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
+        require(exploration_std >= 0, f"exploration_std must be >= 0, got {exploration_std}")
+        self.encoder, self.discretizer, self.head = encoder, discretizer, head
+        self.target_head = copy.deepcopy(head).requires_grad_(False)
+        self.act_network, self.exploration_std, self.tie_tolerance = act_network, exploration_std, tie_tolerance
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser trains: encoder and online head."""
+        return [*self.encoder.parameters(), *self.head.parameters()]
+
+    def level_conditioning(self, codes: Tensor) -> Tensor:
+        """Codes ``[B, L, D]`` -> midpoints of every dim before each level, ``[B, L, D]`` (zeros at level 0)."""
+        prefixes = self.discretizer.prefix(codes)[..., :-1, :]  # [B, L, D]: interval index after l levels
+        depth = torch.arange(self.discretizer.levels, device=codes.device).view(-1, 1).expand_as(prefixes[0])
+        return self.discretizer.midpoint(prefixes, depth.expand_as(prefixes))
+
+    def logits(self, features: Tensor, codes: Tensor, *, target: bool = False) -> Tensor:
+        """Atom logits of every (level, dim, bin) along the path of ``codes`` ``[B, L, D]``: ``[B, L, D, K, A]``."""
+        head = self.target_head if target else self.head
+        return head.all_logits(features, self.level_conditioning(codes))
+
+    def greedy_codes(self, features: Tensor, *, target: bool = False,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """The greedy action's codes ``[B, L, D]``, level by level with random tie-breaking (§6.3)."""
+        disc, head = self.discretizer, self.target_head if target else self.head
+        batch = features.shape[0]
+        prefix = torch.zeros(batch, disc.action_dim, dtype=torch.float64, device=features.device)
+        codes = []
+        for lvl in range(disc.levels):
+            q = head.expected_q(head.level_logits(features, disc.midpoint(prefix, lvl), lvl))  # [B, D, K]
+            choice = q.argmax(-1)
+            tied = (q.amax(-1) - q.amin(-1)) < self.tie_tolerance
+            if bool(tied.any()):
+                random = torch.randint(disc.bins, choice.shape, device=q.device, generator=generator)
+                choice = torch.where(tied, random, choice)
+            codes.append(choice)
+            prefix = prefix * disc.bins + choice
+        return torch.stack(codes, dim=-2)
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, *, deterministic: bool, generator: torch.Generator | None = None) -> Tensor:
+        """Env-space actions ``[B, D]``: the greedy grid action, plus re-quantised Gaussian noise when exploring."""
+        disc = self.discretizer
+        codes = self.greedy_codes(self.encoder(obs), target=self.act_network == "target", generator=generator)
+        action = disc.decode(codes)
+        if deterministic or self.exploration_std == 0:
+            return action
+        unit = disc.to_unit(action)
+        noise = torch.randn(unit.shape, device=unit.device, generator=generator) * self.exploration_std
+        bound = 1.0 - 1e-6
+        return disc.decode(disc.encode(disc.from_unit((unit + noise).clamp(-bound, bound))))
+
+    @torch.no_grad()
+    def polyak(self, tau: float) -> None:
+        """``target <- tau * online + (1 - tau) * target`` for every head parameter."""
+        torch._foreach_lerp_(list(self.target_head.parameters()), list(self.head.parameters()), tau)

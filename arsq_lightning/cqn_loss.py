@@ -1,0 +1,131 @@
+"""The CQN baseline's loss: per-(level, dim) C51 cross-entropy with double-Q targets, plus the demo-only
+first-order-stochastic-dominance (FOSD) and margin terms (ALGORITHM.md §6.4, §4.4).
+
+With ``atoms = 1`` (non-distributional head) the TD term is the squared error to ``r + gamma * Q̄(s', a'*)`` and the
+FOSD term is undefined (its weight must be 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from arsq_lightning.cqn_critic import CQNCritic
+from arsq_lightning.errors import require
+
+
+def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support: Tensor) -> Tensor:
+    """Project ``r + discount * z`` with masses ``next_probs`` back onto ``support`` (C51).
+
+    Args:
+        next_probs: ``[B, ..., A]`` target distributions (each sums to 1).
+        reward, discount: ``[B]`` (``discount`` already includes ``gamma`` and ``1 - terminated``).
+        support: ``[A]`` evenly spaced atoms.
+
+    Returns:
+        ``[B, ..., A]``, each summing to 1. A shifted atom at ``b = j + f`` (``j`` integer, ``0 <= f < 1``) gives mass
+        ``1 - f`` to atom ``j`` and ``f`` to atom ``j + 1``, so a target landing exactly on an atom keeps all its mass there.
+    """
+    atoms = support.numel()
+    v_min, v_max = float(support[0]), float(support[-1])
+    extra = (1,) * (next_probs.dim() - 2)
+    shifted = (reward.view(-1, *extra, 1) + discount.view(-1, *extra, 1) * support).expand_as(next_probs)
+    position = (shifted.clamp(v_min, v_max) - v_min) / (v_max - v_min) * (atoms - 1)
+    lower = position.floor().clamp(max=atoms - 2)
+    upper_share = position - lower  # in [0, 1]
+    projected = torch.zeros_like(next_probs)
+    projected.scatter_add_(-1, lower.long(), next_probs * (1.0 - upper_share))
+    projected.scatter_add_(-1, lower.long() + 1, next_probs * upper_share)
+    return projected
+
+
+def fosd_penalty(logits: Tensor, codes: Tensor) -> Tensor:
+    """Per-sample FOSD term ``[B]``: ``mean_{l,d,b} sum_atoms max(F_a - F_b, 0)`` over atom CDFs (§6.4).
+
+    Args:
+        logits: ``[B, L, D, K, A]`` atom logits along the data action's path.
+        codes: ``[B, L, D]`` data bins ``a``.
+    """
+    cdf = logits.softmax(-1).cumsum(-1)  # [B, L, D, K, A]
+    data = cdf.gather(-2, codes[..., None, None].expand(*codes.shape, 1, cdf.shape[-1]))  # [B, L, D, 1, A]
+    return (data - cdf).clamp(min=0).sum(-1).mean(dim=(1, 2, 3))
+
+
+def margin_penalty(q: Tensor, codes: Tensor, margin: float) -> Tensor:
+    """Per-sample margin term ``[B]``: ``mean_{l,d,b} max(m - (Q_a - Q_b), 0)``, ``q [B, L, D, K]`` (§6.4)."""
+    data = q.gather(-1, codes.unsqueeze(-1))  # [B, L, D, 1]
+    return (margin - (data - q)).clamp(min=0).mean(dim=(1, 2, 3))
+
+
+class CQNLoss:
+    """CQN's loss of one batch (TorchRL layout as :class:`~arsq_lightning.loss.ARSQLoss`).
+
+    Keyword Args:
+        gamma: discount.
+        critic_weight: ``critic_lambda`` on the TD term (official D4RL 1.0, RLBench 0.1).
+        fosd_weight: weight of the FOSD term on demo samples (official ``bc_lambda``; the D4RL port applies its
+            ``bc_fosd`` twice, so ``bc_fosd = 0.1`` there is ``fosd_weight = 0.01`` here).
+        margin_weight: weight of the margin term on demo samples (``bc_lambda``).
+        margin: ``bc_margin`` (D4RL 1.0, RLBench 0.01).
+        demo_key: batch key of the demo flag; demo terms are demo-masked means (0 without demos).
+    """
+
+    critic_type = CQNCritic
+
+    def __init__(self, *, gamma: float = 0.99, critic_weight: float = 1.0, fosd_weight: float = 0.0,
+                 margin_weight: float = 0.0, margin: float = 1.0, demo_key: str = "demo"):
+        require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
+        require(min(critic_weight, fosd_weight, margin_weight) >= 0, "CQN loss weights must be >= 0")
+        self.gamma, self.critic_weight, self.fosd_weight = gamma, critic_weight, fosd_weight
+        self.margin_weight, self.margin, self.demo_key = margin_weight, margin, demo_key
+
+    def __repr__(self) -> str:
+        return f"CQNLoss({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    def __call__(self, critic: CQNCritic, batch: TensorDictBase) -> dict[str, Tensor]:
+        """Returns ``loss`` and detached ``loss_td``, ``loss_fosd``, ``loss_margin``, ``q``, ``target``."""
+        head = critic.head
+        require(head.atoms > 1 or self.fosd_weight == 0, "model.loss fosd_weight needs a distributional head (atoms > 1)")
+        features = critic.encoder(batch["observation"])
+        codes = critic.discretizer.encode(batch["action"])  # [B, L, D]
+        logits = critic.logits(features, codes)  # [B, L, D, K, A]
+        index = codes[..., None, None].expand(*codes.shape, 1, head.atoms)
+        data_logits = logits.gather(-2, index).squeeze(-2)  # [B, L, D, A]
+        reward = batch["next", "reward"].reshape(-1).to(logits.dtype)
+        discount = self.gamma * (1.0 - batch["next", "terminated"].reshape(-1).to(logits.dtype))
+        target = self._target(critic, batch["next", "observation"], reward, discount)  # [B, L, D, A]
+        if head.atoms == 1:
+            loss_td = (data_logits - target).pow(2).mean()
+        else:
+            loss_td = -(target * data_logits.log_softmax(-1)).sum(-1).mean()
+        loss_td = self.critic_weight * loss_td
+        q = head.expected_q(logits)  # [B, L, D, K]
+        loss_fosd, loss_margin = self._demo_terms(logits, q, codes, batch)
+        loss = loss_td + loss_fosd + loss_margin
+        q_data = head.expected_q(data_logits)
+        target_q = target.squeeze(-1) if head.atoms == 1 else (target * head.support).sum(-1)
+        return {"loss": loss, "loss_td": loss_td.detach(), "loss_fosd": loss_fosd.detach(),
+                "loss_margin": loss_margin.detach(), "q": q_data.detach().mean(), "target": target_q.mean()}
+
+    @torch.no_grad()
+    def _target(self, critic: CQNCritic, next_obs, reward: Tensor, discount: Tensor) -> Tensor:
+        """Double-Q target per (level, dim): online greedy ``a'*``, target head's distribution at ``a'*`` (§6.4)."""
+        features = critic.encoder(next_obs)
+        best = critic.greedy_codes(features)  # online networks choose
+        logits = critic.logits(features, best, target=True)
+        index = best[..., None, None].expand(*best.shape, 1, critic.head.atoms)
+        chosen = logits.gather(-2, index).squeeze(-2)  # [B, L, D, A]
+        if critic.head.atoms == 1:
+            return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen
+        return c51_projection(chosen.softmax(-1), reward, discount, critic.head.support)
+
+    def _demo_terms(self, logits: Tensor, q: Tensor, codes: Tensor, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
+        zero = torch.zeros((), device=logits.device)
+        if self.demo_key not in batch.keys() or (self.fosd_weight == 0 and self.margin_weight == 0):
+            return zero, zero
+        demo = batch[self.demo_key].reshape(-1).to(logits.dtype)
+        count = demo.sum().clamp(min=1.0)
+        fosd = (fosd_penalty(logits, codes) * demo).sum() / count if self.fosd_weight else zero
+        margin = (margin_penalty(q, codes, self.margin) * demo).sum() / count if self.margin_weight else zero
+        return self.fosd_weight * fosd, self.margin_weight * margin
