@@ -9,8 +9,9 @@ from arsq_lightning.cqn_loss import CQNLoss, c51_projection
 from arsq_lightning.critic import ARSQCritic, soft_advantages
 from arsq_lightning.data import CollectAndSample, OnlineDataModule
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer, QuantileDiscretizer
-from arsq_lightning.encoders import FlattenEncoder, MLPEncoder
-from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
+from arsq_lightning.augment import RandomShift, random_shift
+from arsq_lightning.encoders import DrQEncoder, FlattenEncoder, MLPEncoder, MultiViewCNNEncoder
+from arsq_lightning.envs import EnvSpec, env_spec_of, make_env, stack_frames
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.heads import AutoregressiveHead
 from arsq_lightning.loss import ARSQLoss, conservative_penalty
@@ -23,9 +24,10 @@ from arsq_lightning.policy import ARSQActor, make_actor
 __version__ = "0.1.0"
 __all__ = [
     "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CQNCritic", "CQNHead", "CQNLoss",
-    "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "DemoSplit", "Discretizer", "EnvSpec",
-    "FlattenEncoder", "MLPEncoder", "OfflineToOnlineDataModule", "OnlineDataModule", "QuantileDiscretizer",
-    "c51_projection", "check_against_env", "conservative_penalty", "env_spec_of", "make_actor", "make_env",
-    "normalized_score", "read_d4rl_hdf5", "read_minari", "soft_advantages",
+    "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "DemoSplit", "Discretizer", "DrQEncoder", "EnvSpec",
+    "FlattenEncoder", "MLPEncoder", "MultiViewCNNEncoder", "OfflineToOnlineDataModule", "OnlineDataModule",
+    "QuantileDiscretizer", "RandomShift", "c51_projection", "check_against_env", "conservative_penalty",
+    "env_spec_of", "make_actor", "make_env", "normalized_score", "random_shift", "read_d4rl_hdf5", "read_minari",
+    "soft_advantages", "stack_frames",
     "split_demos", "write_d4rl_hdf5",
 ]

@@ -66,15 +66,17 @@ class CQNCritic(nn.Module):
         batch = features.shape[0]
         prefix = torch.zeros(batch, disc.action_dim, dtype=torch.float64, device=features.device)
         codes = []
+        valid = disc.bin_mask.view(disc.levels, disc.action_dim, disc.bins)
         for lvl in range(disc.levels):
             q = head.expected_q(head.level_logits(features, disc.midpoint(prefix, lvl), lvl))  # [B, D, K]
-            choice = q.argmax(-1)
-            tied = (q.amax(-1) - q.amin(-1)) < self.tie_tolerance
-            if bool(tied.any()):
-                random = torch.randint(disc.bins, choice.shape, device=q.device, generator=generator)
-                choice = torch.where(tied, random, choice)
+            spread = q.masked_fill(~valid[lvl], float("-inf")).amax(-1) - q.masked_fill(~valid[lvl], float("inf")).amin(-1)
+            choice = q.masked_fill(~valid[lvl], float("-inf")).argmax(-1)
+            tied = spread < self.tie_tolerance
+            if bool(tied.any()):  # a uniformly random valid bin
+                uniform = torch.rand(choice.shape, device=q.device, generator=generator)
+                choice = torch.where(tied, (uniform * disc.bins_table[lvl]).long(), choice)
             codes.append(choice)
-            prefix = prefix * disc.bins + choice
+            prefix = prefix * disc.bins_table[lvl] + choice
         return torch.stack(codes, dim=-2)
 
     @torch.no_grad()

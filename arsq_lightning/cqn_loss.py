@@ -40,22 +40,30 @@ def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support
     return projected
 
 
-def fosd_penalty(logits: Tensor, codes: Tensor) -> Tensor:
+def fosd_penalty(logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> Tensor:
     """Per-sample FOSD term ``[B]``: ``mean_{l,d,b} sum_atoms max(F_a - F_b, 0)`` over atom CDFs (§6.4).
 
     Args:
         logits: ``[B, L, D, K, A]`` atom logits along the data action's path.
         codes: ``[B, L, D]`` data bins ``a``.
+        valid: ``[L, D, K]`` bins that exist (per-dim grids); the mean runs over these only.
     """
     cdf = logits.softmax(-1).cumsum(-1)  # [B, L, D, K, A]
     data = cdf.gather(-2, codes[..., None, None].expand(*codes.shape, 1, cdf.shape[-1]))  # [B, L, D, 1, A]
-    return (data - cdf).clamp(min=0).sum(-1).mean(dim=(1, 2, 3))
+    return _mean_over_bins((data - cdf).clamp(min=0).sum(-1), valid)
 
 
-def margin_penalty(q: Tensor, codes: Tensor, margin: float) -> Tensor:
+def margin_penalty(q: Tensor, codes: Tensor, margin: float, valid: Tensor | None = None) -> Tensor:
     """Per-sample margin term ``[B]``: ``mean_{l,d,b} max(m - (Q_a - Q_b), 0)``, ``q [B, L, D, K]`` (§6.4)."""
     data = q.gather(-1, codes.unsqueeze(-1))  # [B, L, D, 1]
-    return (margin - (data - q)).clamp(min=0).mean(dim=(1, 2, 3))
+    return _mean_over_bins((margin - (data - q)).clamp(min=0), valid)
+
+
+def _mean_over_bins(terms: Tensor, valid: Tensor | None) -> Tensor:
+    """``[B, L, D, K] -> [B]``: the mean over (level, dim, bin), over existing bins only when ``valid`` is given."""
+    if valid is None:
+        return terms.mean(dim=(1, 2, 3))
+    return (terms * valid).sum(dim=(1, 2, 3)) / valid.sum()
 
 
 class CQNLoss:
@@ -101,7 +109,9 @@ class CQNLoss:
             loss_td = -(target * data_logits.log_softmax(-1)).sum(-1).mean()
         loss_td = self.critic_weight * loss_td
         q = head.expected_q(logits)  # [B, L, D, K]
-        loss_fosd, loss_margin = self._demo_terms(logits, q, codes, batch)
+        disc = critic.discretizer
+        valid = None if disc.uniform_grid else disc.bin_mask.view(disc.levels, disc.action_dim, disc.bins)
+        loss_fosd, loss_margin = self._demo_terms(logits, q, codes, batch, valid)
         loss = loss_td + loss_fosd + loss_margin
         q_data = head.expected_q(data_logits)
         target_q = target.squeeze(-1) if head.atoms == 1 else (target * head.support).sum(-1)
@@ -120,12 +130,13 @@ class CQNLoss:
             return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen
         return c51_projection(chosen.softmax(-1), reward, discount, critic.head.support)
 
-    def _demo_terms(self, logits: Tensor, q: Tensor, codes: Tensor, batch: TensorDictBase) -> tuple[Tensor, Tensor]:
+    def _demo_terms(self, logits: Tensor, q: Tensor, codes: Tensor, batch: TensorDictBase,
+                    valid: Tensor | None) -> tuple[Tensor, Tensor]:
         zero = torch.zeros((), device=logits.device)
         if self.demo_key not in batch.keys() or (self.fosd_weight == 0 and self.margin_weight == 0):
             return zero, zero
         demo = batch[self.demo_key].reshape(-1).to(logits.dtype)
         count = demo.sum().clamp(min=1.0)
-        fosd = (fosd_penalty(logits, codes) * demo).sum() / count if self.fosd_weight else zero
-        margin = (margin_penalty(q, codes, self.margin) * demo).sum() / count if self.margin_weight else zero
+        fosd = (fosd_penalty(logits, codes, valid) * demo).sum() / count if self.fosd_weight else zero
+        margin = (margin_penalty(q, codes, self.margin, valid) * demo).sum() / count if self.margin_weight else zero
         return self.fosd_weight * fosd, self.margin_weight * margin

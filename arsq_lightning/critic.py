@@ -85,6 +85,8 @@ class ARSQCritic(nn.Module):
         features = self.encoder(obs)
         codes = self.discretizer.encode(action)  # [B, L, D]
         logits = self.head.advantage_logits(features, self.discretizer.conditioning(codes, self.head.order))
+        if not self.discretizer.uniform_grid:  # dims with fewer bins or levels: their extra bins do not exist
+            logits = logits.masked_fill(~self.discretizer.bin_mask, float("-inf"))
         adv = soft_advantages(logits, self.soft_alpha)
         flat_codes = codes.flatten(-2)  # position i = l * D + d
         index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
@@ -115,7 +117,7 @@ class ARSQCritic(nn.Module):
         head = self.target_head if self.act_network == "target" else self.head
         features = self.encoder(obs)
         cache = head.acting_cache(features)
-        prefix = [torch.zeros(features.shape[0], dtype=torch.float64, device=features.device)] * disc.action_dim
+        prefix = torch.zeros(features.shape[0], disc.action_dim, dtype=torch.float64, device=features.device)
         cond = torch.zeros(features.shape[0], disc.action_dim, device=features.device)  # unit-space midpoints m_i
         for lvl in range(disc.levels):
             for group in head.groups:  # the dims of a group see the same conditioning (one dim each in ARSQ)
@@ -123,13 +125,17 @@ class ARSQCritic(nn.Module):
                 for dim in group:
                     position = lvl * disc.action_dim + dim
                     logits = head.position_logits(features, cond, position, cache)
+                    if not disc.uniform_grid:
+                        logits = logits.masked_fill(~disc.bin_mask[position], float("-inf"))
                     # min_k of the act_alpha-normalised advantages, over act_alpha: the argmax is the greedy bin,
                     # and the argmax after adding Gumbel noise is a sample of softmax(scores).
                     scores = torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)  # [B, K]
                     choices.append((scores if noise is None else scores + noise[position]).argmax(-1))
                 for dim, choice in zip(group, choices):
-                    prefix[dim] = prefix[dim] * disc.bins + choice
-                    cond[:, dim] = disc.midpoint(prefix[dim], lvl + 1)  # zoom in on dim
+                    prefix[:, dim] = prefix[:, dim] * disc.bins_table[lvl, dim] + choice
+                midpoints = disc.midpoint(prefix, lvl + 1)  # zoom in on the group's dims
+                for dim in group:
+                    cond[:, dim] = midpoints[:, dim]
         return disc.from_unit(cond)
 
     @torch.no_grad()

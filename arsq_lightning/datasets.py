@@ -3,7 +3,9 @@
 Readers:
 * :func:`read_d4rl_hdf5`: a file in D4RL's HDF5 layout (``observations``, ``actions``, ``rewards``, ``terminals``,
   ``timeouts``, optionally ``next_observations``; other groups such as ``infos/*`` and ``metadata/*`` are ignored).
-  The file is opened read-only.
+  The file is opened read-only. Pixel datasets store ``observations`` and ``next_observations`` as groups with one
+  dataset per entry (``observations/pixels`` uint8 ``[T, V, C, H, W]``, ``observations/proprio``), read back as a
+  nested ``observation`` TensorDict.
 * :func:`read_minari`: a Minari dataset from a local store, through ``minari.load_dataset``.
 
 Both return a TensorDict ``[T]`` with ``observation``, ``action``, ``episode`` and ``("next", observation | reward |
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 from arsq_lightning.envs import EnvSpec
 from arsq_lightning.errors import ConfigError
@@ -33,7 +35,21 @@ def _finite(name: str, array: np.ndarray, source: str) -> None:
         raise ConfigError(f"{source}: '{name}' contains NaN or inf (first at row {row})")
 
 
-def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
+def _read_entry(entry) -> np.ndarray | dict[str, np.ndarray]:
+    """An HDF5 dataset as an array, or a group of datasets (a nested observation) as ``{key: array}``."""
+    if hasattr(entry, "keys"):
+        return {key: np.asarray(entry[key][()]) for key in sorted(entry.keys())}
+    return np.asarray(entry[()])
+
+
+def _rows(value: np.ndarray | dict[str, np.ndarray]) -> int:
+    if isinstance(value, dict):
+        lengths = {len(v) for v in value.values()}
+        return lengths.pop() if len(lengths) == 1 else -1
+    return len(value)
+
+
+def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray | dict[str, np.ndarray]]:
     import h5py
 
     source = str(path)
@@ -47,26 +63,47 @@ def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 raise ConfigError(f"{source}: missing dataset(s) {missing} (D4RL layout needs {list(D4RL_KEYS)})")
             keys = [*D4RL_KEYS, *(k for k in ("timeouts", "next_observations") if k in f)]
-            arrays = {k: np.asarray(f[k][()]) for k in keys}
+            arrays = {k: _read_entry(f[k]) for k in keys}
     except OSError as err:  # a damaged file: h5py cannot parse it
         raise ConfigError(f"{source}: cannot read the HDF5 file ({err})") from None
     if "timeouts" not in arrays:
         warnings.warn(f"{source}: no 'timeouts' dataset: episodes end only at terminals", stacklevel=3)
         arrays["timeouts"] = np.zeros(len(arrays["terminals"]), dtype=bool)
-    rows = {k: len(v) for k, v in arrays.items()}
+    rows = {k: _rows(v) for k, v in arrays.items()}
     if len(set(rows.values())) != 1:
         raise ConfigError(f"{source}: datasets have different lengths {rows}")
     if rows["observations"] == 0:
         raise ConfigError(f"{source}: the dataset is empty")
-    for name, array in arrays.items():
-        _finite(name, array, source)
+    for name, value in arrays.items():
+        for part, array in (value.items() if isinstance(value, dict) else [("", value)]):
+            _finite(f"{name}/{part}" if part else name, array, source)
     for name in ("rewards", "terminals", "timeouts"):
-        if arrays[name].reshape(len(arrays[name]), -1).shape[1] != 1:
-            raise ConfigError(f"{source}: '{name}' must hold one value per row, got shape {arrays[name].shape}")
-    if "next_observations" in arrays and arrays["next_observations"].shape[1:] != arrays["observations"].shape[1:]:
-        raise ConfigError(f"{source}: 'next_observations' has shape {arrays['next_observations'].shape[1:]} per row "
-                          f"but 'observations' has {arrays['observations'].shape[1:]}")
+        if isinstance(arrays[name], dict) or arrays[name].reshape(len(arrays[name]), -1).shape[1] != 1:
+            raise ConfigError(f"{source}: '{name}' must hold one value per row, got shape "
+                              f"{getattr(arrays[name], 'shape', 'a group')}")
+    shapes = {k: _row_shapes(arrays[k]) for k in ("observations", "next_observations") if k in arrays}
+    if "next_observations" in shapes and shapes["next_observations"] != shapes["observations"]:
+        raise ConfigError(f"{source}: 'next_observations' has shape {shapes['next_observations']} per row "
+                          f"but 'observations' has {shapes['observations']}")
     return arrays
+
+
+def _row_shapes(value: np.ndarray | dict[str, np.ndarray]):
+    if isinstance(value, dict):
+        return {k: v.shape[1:] for k, v in value.items()}
+    return value.shape[1:]
+
+
+def _observation_array(value: np.ndarray | dict[str, np.ndarray]):
+    """Flat observations as float32 ``[T, obs_dim]``; nested ones as ``{key: [T, *shape]}`` in their stored dtype
+    (floating entries as float32)."""
+    if isinstance(value, dict):
+        return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in value.items()}
+    return value.reshape(len(value), -1).astype(np.float32)
+
+
+def _map(value, fn):
+    return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
 
 def read_d4rl_hdf5(path: str | os.PathLike) -> TensorDict:
@@ -78,16 +115,17 @@ def read_d4rl_hdf5(path: str | os.PathLike) -> TensorDict:
     """
     path = Path(path)
     a = _load_d4rl_arrays(path)
-    obs = a["observations"].reshape(len(a["observations"]), -1).astype(np.float32)
+    obs = _observation_array(a["observations"])
+    rows = _rows(a["observations"])
     terminated = a["terminals"].astype(bool).reshape(-1)
     truncated = a["timeouts"].astype(bool).reshape(-1) & ~terminated
     ends = terminated | truncated
     episode = np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int64)
     if "next_observations" in a:
-        next_obs = a["next_observations"].reshape(len(obs), -1).astype(np.float32)
-        keep = np.ones(len(obs), dtype=bool)
+        next_obs = _observation_array(a["next_observations"])
+        keep = np.ones(rows, dtype=bool)
     else:
-        next_obs = np.concatenate([obs[1:], obs[-1:]])
+        next_obs = _map(obs, lambda x: np.concatenate([x[1:], x[-1:]]))
         keep = terminated | ~np.concatenate([truncated[:-1], [True]])
     t = int(keep.sum())
     if t == 0:
@@ -96,9 +134,15 @@ def read_d4rl_hdf5(path: str | os.PathLike) -> TensorDict:
     def col(x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(x[keep])).to(dtype)
 
+    def observation_col(x):  # nested entries keep their dtype (uint8 pixels stay uint8)
+        if isinstance(x, dict):
+            return TensorDict({k: torch.as_tensor(np.ascontiguousarray(v[keep])) for k, v in x.items()}, [t])
+        return col(x)
+
     return TensorDict({
-        "observation": col(obs), "action": col(a["actions"].reshape(len(obs), -1)), "episode": col(episode, torch.long),
-        "next": {"observation": col(next_obs), "reward": col(a["rewards"].reshape(-1, 1)),
+        "observation": observation_col(obs), "action": col(a["actions"].reshape(rows, -1)),
+        "episode": col(episode, torch.long),
+        "next": {"observation": observation_col(next_obs), "reward": col(a["rewards"].reshape(-1, 1)),
                  "terminated": col(terminated.reshape(-1, 1), torch.bool),
                  "truncated": col(truncated.reshape(-1, 1), torch.bool), "done": col(ends.reshape(-1, 1), torch.bool)},
     }, batch_size=[t])
@@ -153,9 +197,17 @@ def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> Te
 
 def check_against_env(data: TensorDict, spec: EnvSpec, source: str) -> TensorDict:
     """Check sizes against the env; clip actions outside its bounds (with a warning). Returns the checked data."""
-    obs_dim, act_dim = data["observation"].shape[-1], data["action"].shape[-1]
-    if obs_dim != spec.obs_dim:
-        raise ConfigError(f"{source}: observations have {obs_dim} dims but the env's have {spec.obs_dim}")
+    act_dim = data["action"].shape[-1]
+    observation = data["observation"]
+    if isinstance(observation, TensorDictBase) or spec.observation_shapes is not None:
+        shapes = ({k: list(v.shape[1:]) for k, v in observation.items()} if isinstance(observation, TensorDictBase)
+                  else "a flat vector")
+        if shapes != spec.observation_shapes:
+            raise ConfigError(f"{source}: observations have shapes {shapes} but the env's have "
+                              f"{spec.observation_shapes or 'a flat vector'}")
+    elif observation.shape[-1] != spec.obs_dim:
+        raise ConfigError(f"{source}: observations have {observation.shape[-1]} dims but the env's have "
+                          f"{spec.obs_dim}")
     if act_dim != spec.action_dim:
         raise ConfigError(f"{source}: actions have {act_dim} dims but the env's have {spec.action_dim}")
     low, high = torch.tensor(spec.action_low), torch.tensor(spec.action_high)
@@ -168,15 +220,29 @@ def check_against_env(data: TensorDict, spec: EnvSpec, source: str) -> TensorDic
     return data
 
 
+def _chunks(array: torch.Tensor) -> tuple[int, ...] | None:
+    """One row per HDF5 chunk for images (so reading a few rows does not decompress everything); default otherwise."""
+    return (1, *array.shape[1:]) if array.dim() > 2 else None
+
+
 def write_d4rl_hdf5(path: str | os.PathLike, data: TensorDict, metadata: dict | None = None) -> None:
     """Write a TED TensorDict in D4RL's HDF5 layout (with ``next_observations``); ``metadata`` goes to
-    ``metadata/<key>`` attributes-like datasets (strings and numbers)."""
+    ``metadata/<key>`` attributes-like datasets (strings and numbers).
+
+    A nested observation (e.g. ``pixels`` uint8 + ``proprio``) becomes the groups ``observations/<key>`` and
+    ``next_observations/<key>``, one dataset per entry in its own dtype; :func:`read_d4rl_hdf5` reads it back as a
+    nested ``observation``."""
     import h5py
 
     with h5py.File(path, "w") as f:
-        f["observations"] = data["observation"].numpy()
+        for name, key in (("observations", "observation"), ("next_observations", ("next", "observation"))):
+            value = data[key]
+            if isinstance(value, TensorDictBase):  # nested: one dataset per entry, dtype kept (uint8 pixels)
+                for entry, array in value.items():
+                    f.create_dataset(f"{name}/{entry}", data=array.numpy(), chunks=_chunks(array))
+            else:
+                f[name] = value.numpy()
         f["actions"] = data["action"].numpy()
-        f["next_observations"] = data["next", "observation"].numpy()
         f["rewards"] = data["next", "reward"].reshape(-1).numpy()
         f["terminals"] = data["next", "terminated"].reshape(-1).numpy()
         f["timeouts"] = data["next", "truncated"].reshape(-1).numpy()

@@ -24,6 +24,15 @@ _BOUNDARY_ULPS = 4
 _MAX_TOLERANCE_CELLS = 1e-3
 
 
+def _per_dim(name: str, value: int | Sequence[int], action_dim: int) -> list[int]:
+    """One int per action dim from an int or a list (``ConfigError`` on a wrong length)."""
+    if isinstance(value, int):
+        return [value] * action_dim
+    values = [int(v) for v in value]
+    require(len(values) == action_dim, f"discretizer {name} {values} needs one value per action dim ({action_dim})")
+    return values
+
+
 def decision_depth(levels: int, order: Tensor) -> Tensor:
     """``depth[l, d, d']``: levels of dim ``d'`` decided before position ``(l, d)``, ``[L, D, D]`` long.
 
@@ -71,15 +80,20 @@ class Discretizer(nn.Module):
 
 
 class CoarseToFineDiscretizer(Discretizer):
-    """Uniform coarse-to-fine grid over a box action space (ALGORITHM.md §2.1-§2.3).
+    """Coarse-to-fine grid over a box action space (ALGORITHM.md §2.1-§2.3).
+
+    Every dim is cut into ``bins`` intervals ``levels`` times. Dims may differ: with per-dim ``levels`` / ``bins``
+    the sequence has ``L = max(levels)`` levels of ``K = max(bins)`` slots; a dim with fewer bins leaves its extra
+    slots invalid (:attr:`bin_mask`), and a dim with fewer levels is finished early (its later positions have one
+    valid bin, 0, which does not zoom).
 
     Args:
         low: lower action bound, one value per dimension ``[D]``.
         high: upper action bound ``[D]``.
 
     Keyword Args:
-        levels: ``L``, number of zoom-in levels (>= 1).
-        bins: ``K``, bins per level (>= 2).
+        levels: ``L``, number of zoom-in levels (>= 1), or one per dim.
+        bins: ``K``, bins per level (>= 2), or one per dim.
 
     Example:
         >>> disc = CoarseToFineDiscretizer([-1.0], [1.0], levels=3, bins=5)
@@ -89,29 +103,42 @@ class CoarseToFineDiscretizer(Discretizer):
         0.304
     """
 
-    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *, levels: int = 3,
-                 bins: int = 5):
+    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *,
+                 levels: int | Sequence[int] = 3, bins: int | Sequence[int] = 5):
         super().__init__()
         low_t = torch.as_tensor(low, dtype=torch.float32).reshape(-1)
         high_t = torch.as_tensor(high, dtype=torch.float32).reshape(-1)
-        require(levels >= 1, f"discretizer levels must be >= 1, got {levels}")
-        require(bins >= 2, f"discretizer bins must be >= 2, got {bins}")
         require(low_t.shape == high_t.shape and low_t.numel() > 0, "action low/high must be non-empty and equal length")
         require(bool(torch.isfinite(low_t).all() & torch.isfinite(high_t).all()), "action bounds must be finite")
         require(bool((high_t > low_t).all()),
                 f"action high must exceed low, got low={low_t.tolist()} high={high_t.tolist()}")
-        self.levels, self.bins, self.action_dim = levels, bins, low_t.numel()
+        self.action_dim = low_t.numel()
+        per_levels, per_bins = _per_dim("levels", levels, self.action_dim), _per_dim("bins", bins, self.action_dim)
+        require(min(per_levels) >= 1, f"discretizer levels must be >= 1, got {levels}")
+        require(min(per_bins) >= 2, f"discretizer bins must be >= 2, got {bins}")
+        self.levels, self.bins = max(per_levels), max(per_bins)
         self.register_buffer("low", low_t)
         self.register_buffer("high", high_t)
-        # Powers bins**l for l = 0..L, used for prefixes (float64: exact up to 2**53).
-        self.register_buffer("powers", torch.tensor([float(bins) ** p for p in range(levels + 1)], dtype=torch.float64))
-        # The midpoint after n levels of interval j is j * scale[n] + offset[n] (float64).
-        self._scale = [2.0 / float(bins) ** n for n in range(levels + 1)]
-        self._offset = [1.0 / float(bins) ** n - 1.0 for n in range(levels + 1)]
-        self.register_buffer("mid_scale", torch.tensor(self._scale, dtype=torch.float64), persistent=False)
-        self.register_buffer("mid_offset", torch.tensor(self._offset, dtype=torch.float64), persistent=False)
+        # bins_table[l, d]: bins of dim d at level l (1 once d's own levels are done). Derived, so not persistent.
+        table = torch.tensor([[b if lvl < n else 1 for n, b in zip(per_levels, per_bins)] for lvl in range(self.levels)],
+                             dtype=torch.float64)
+        self.register_buffer("bins_table", table, persistent=False)  # [L, D]
+        # count[n, d] = intervals of dim d after n levels; the midpoint of interval j is j * scale + offset (float64).
+        count = torch.cat([torch.ones(1, self.action_dim, dtype=torch.float64), table.cumprod(0)])  # [L + 1, D]
+        self.register_buffer("mid_scale", 2.0 / count, persistent=False)
+        self.register_buffer("mid_offset", 1.0 / count - 1.0, persistent=False)
+        # place[l, d] = product of d's bins after level l: the base of digit l in the finest cell index.
+        place = torch.cat([table.flip(0).cumprod(0).flip(0)[1:], torch.ones(1, self.action_dim, dtype=torch.float64)])
+        self.register_buffer("place", place, persistent=False)  # [L, D]
+        valid = torch.arange(self.bins).view(1, 1, -1) < table.unsqueeze(-1)  # [L, D, K]
+        self.register_buffer("bin_mask", valid.reshape(-1, self.bins), persistent=False)  # [N, K]
+        self.uniform_grid = bool(valid.all())
         # depth[l, d, d'] = how many levels of dim d' are decided before position (l, d) (level-major order, §2.3).
-        self.register_buffer("depth", decision_depth(levels, torch.arange(self.action_dim)))  # [L, D, D]
+        self.register_buffer("depth", decision_depth(self.levels, torch.arange(self.action_dim)))  # [L, D, D]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "powers", None)  # a derived buffer that checkpoints before 0.2 stored
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- affine map between env bounds and the unit box ---------------------------------------------------------
     def to_unit(self, action: Tensor) -> Tensor:
@@ -124,17 +151,17 @@ class CoarseToFineDiscretizer(Discretizer):
 
     # --- codes ------------------------------------------------------------------------------------------------
     def encode(self, action: Tensor) -> Tensor:
-        """Env-space action ``[..., D]`` -> codes ``[..., L, D]`` (long), the base-K digits of ``(u + 1) / 2``.
+        """Env-space action ``[..., D]`` -> codes ``[..., L, D]`` (long), the base-K digits of ``(u + 1) / 2``
+        (mixed-radix digits when dims differ).
 
         Values outside the bounds are clipped to the edge bins; a value on a bin boundary goes to the upper bin.
         """
         unit = self.to_unit(action.to(torch.float64)).clamp(-1.0, 1.0)
-        cells = self.powers[-1]
+        cells = self.place[0] * self.bins_table[0]  # [D] finest cells per dim
         eps = torch.finfo(action.dtype if action.is_floating_point() else torch.float32).eps
-        tolerance = min(_BOUNDARY_ULPS * eps * float(cells), _MAX_TOLERANCE_CELLS)  # in finest cells
-        index = torch.floor((unit + 1.0) * 0.5 * cells + tolerance).clamp(0, cells - 1)  # [..., D]
-        place = self.powers[:-1].flip(0).unsqueeze(-1)  # [L, 1]: K**(L-1-l)
-        digits = torch.div(index.unsqueeze(-2), place, rounding_mode="floor") % self.bins
+        tolerance = (_BOUNDARY_ULPS * eps * cells).clamp(max=_MAX_TOLERANCE_CELLS)  # in finest cells
+        index = torch.minimum(torch.floor((unit + 1.0) * 0.5 * cells + tolerance).clamp(min=0), cells - 1)  # [..., D]
+        digits = torch.div(index.unsqueeze(-2), self.place, rounding_mode="floor") % self.bins_table
         return digits.long()
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -148,23 +175,25 @@ class CoarseToFineDiscretizer(Discretizer):
         value = codes.to(torch.float64)
         steps = [torch.zeros_like(value[..., 0, :])]
         for lvl in range(self.levels):
-            steps.append(steps[-1] * self.bins + value[..., lvl, :])
+            steps.append(steps[-1] * self.bins_table[lvl] + value[..., lvl, :])
         return torch.stack(steps, dim=-2)
 
     def midpoint(self, prefix: Tensor, depth: Tensor | int) -> Tensor:
         """Unit-space midpoint of the interval with index ``prefix`` after ``depth`` levels (0 when depth is 0).
 
         Args:
-            prefix: interval index, float64 or long, any shape.
+            prefix: interval index ``[..., D]`` (last axis: action dims), float64 or long.
             depth: number of levels decided: a long tensor of the same shape, or one int for all.
 
         Returns:
-            float32 midpoints ``-1 + (2 * prefix + 1) / K**depth``, computed as ``prefix * scale + offset`` in float64
-            (the same operations for a tensor or an int depth, so acting and training agree bit for bit).
+            float32 midpoints ``-1 + (2 * prefix + 1) / count``, ``count`` = the dim's intervals after ``depth``
+            levels (``K**depth`` on a uniform grid), computed as ``prefix * scale + offset`` in float64 (the same
+            numbers for a tensor or an int depth, so acting and training agree bit for bit).
         """
         if isinstance(depth, int):
-            return (prefix.to(torch.float64) * self._scale[depth] + self._offset[depth]).float()
-        return (prefix.to(torch.float64) * self.mid_scale[depth] + self.mid_offset[depth]).float()
+            return (prefix.to(torch.float64) * self.mid_scale[depth] + self.mid_offset[depth]).float()
+        dims = torch.arange(self.action_dim, device=depth.device).expand_as(depth)
+        return (prefix.to(torch.float64) * self.mid_scale[depth, dims] + self.mid_offset[depth, dims]).float()
 
     def conditioning(self, codes: Tensor, order: Tensor | None = None) -> Tensor:
         """Codes ``[..., L, D]`` -> conditioning vectors ``[..., N, D]`` in level-major order (§2.3).
@@ -184,14 +213,15 @@ class CoarseToFineDiscretizer(Discretizer):
         depth = depth.expand(*prefixes.shape[:-2], *depth.shape)
         return self.midpoint(torch.gather(prefixes, -2, depth), depth)
 
-    def zoom_in(self, low: Tensor, high: Tensor, bin_index: Tensor) -> tuple[Tensor, Tensor]:
-        """One zoom-in step on unit-space intervals (§2.1): pick bin ``bin_index`` of ``[low, high]``."""
-        width = (high - low) / self.bins
+    def zoom_in(self, low: Tensor, high: Tensor, bin_index: Tensor, level: int = 0) -> tuple[Tensor, Tensor]:
+        """One zoom-in step at ``level`` on unit-space intervals ``[..., D]`` (§2.1): pick bin ``bin_index``."""
+        width = (high - low) / self.bins_table[level].to(low.dtype)
         new_low = low + bin_index.to(low.dtype) * width
         return new_low, new_low + width
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, bins={self.bins}, action_dim={self.action_dim}"
+        grid = "" if self.uniform_grid else f", bins_table={self.bins_table.long().tolist()}"
+        return f"levels={self.levels}, bins={self.bins}, action_dim={self.action_dim}{grid}"
 
 
 class QuantileDiscretizer(CoarseToFineDiscretizer):
@@ -213,8 +243,9 @@ class QuantileDiscretizer(CoarseToFineDiscretizer):
         uniform_mix: weight of the uniform map in ``[0, 1]`` (0: pure quantiles; must be > 0 if the data has atoms).
     """
 
-    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *, levels: int = 3,
-                 bins: int = 5, knots: int = 64, uniform_mix: float = 0.1):
+    def __init__(self, low: Sequence[float] | Tensor, high: Sequence[float] | Tensor, *,
+                 levels: int | Sequence[int] = 3, bins: int | Sequence[int] = 5, knots: int = 64,
+                 uniform_mix: float = 0.1):
         super().__init__(low, high, levels=levels, bins=bins)
         require(knots >= 1, f"knots must be >= 1, got {knots}")
         require(0.0 <= uniform_mix <= 1.0, f"uniform_mix must lie in [0, 1], got {uniform_mix}")

@@ -9,17 +9,23 @@ suite's own module ``arsq_lightning.envs_<suite>``, imported only when used, whi
 ``make_base_env(name, *, seed, max_episode_steps, **kwargs) -> EnvBase`` and ``env_spec_of(name, **kwargs)``.
 A suite env's ``observation`` is a flat float vector or a nested TensorDict (e.g. ``pixels`` uint8 + ``proprio``),
 described by ``EnvSpec.observation_shapes``.
+
+Frame stacking (env kwarg ``frame_stack: k > 1``, nested observations only) appends TorchRL ``CatFrames`` transforms:
+``pixels [V, C, H, W]`` are stacked on the channel axis (``[V, k * C, H, W]``, oldest frame first), every other entry
+on its last axis (``proprio [P] -> [k * P]``), as CQN does (§5.1). After a reset the stack holds ``k`` copies of the
+first frame, and ``("next", "observation")`` holds the next step's stack, so stored transitions are self-contained.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
 import torch
-from torchrl.envs import Compose, DoubleToFloat, GymEnv, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs import CatFrames, Compose, DoubleToFloat, GymEnv, RewardSum, StepCounter, Transform, TransformedEnv
 
 from arsq_lightning.errors import ConfigError
 
@@ -69,10 +75,12 @@ def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None
         ConfigError: unknown id, or a non-box / non-vector space.
     """
     suite = _suite(env_id)
+    frame_stack = _pop_frame_stack(env_id, env_kwargs)
     if suite is not None:
         base = suite.make_base_env(env_id.partition(":")[2], seed=seed, max_episode_steps=max_episode_steps,
                                    **env_kwargs)
-        env = TransformedEnv(base, Compose(StepCounter(), DoubleToFloat(), RewardSum()))
+        stacking = frame_stack_transforms(_nested_keys(base), frame_stack)
+        env = TransformedEnv(base, Compose(StepCounter(), DoubleToFloat(), RewardSum(), *stacking))
         env.set_seed(seed)
         return env
     try:
@@ -90,8 +98,16 @@ def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None
 def env_spec_of(env_id: str, **env_kwargs) -> EnvSpec:
     """Read :class:`EnvSpec` from gymnasium's spaces (or the suite's module) without building a TorchRL env."""
     suite = _suite(env_id)
+    frame_stack = _pop_frame_stack(env_id, env_kwargs)
     if suite is not None:
-        return suite.env_spec_of(env_id.partition(":")[2], **env_kwargs)
+        spec = suite.env_spec_of(env_id.partition(":")[2], **env_kwargs)
+        if frame_stack == 1:
+            return spec
+        if spec.observation_shapes is None:
+            raise ConfigError(f"{env_id}: frame_stack needs a nested (pixel) observation; this env's is a flat vector")
+        shapes = stacked_shapes(spec.observation_shapes, frame_stack)
+        return dataclasses.replace(spec, obs_dim=sum(int(np.prod(s)) for s in shapes.values()),
+                                   observation_shapes=shapes)
     try:
         probe = gym.make(env_id, **env_kwargs)
     except gym.error.Error as err:
@@ -109,6 +125,46 @@ def env_spec_of(env_id: str, **env_kwargs) -> EnvSpec:
 
 
 SUITES = ("metaworld", "dmc", "rlbench")
+PIXELS_KEY = "pixels"
+
+
+def _pop_frame_stack(env_id: str, env_kwargs: dict) -> int:
+    """Remove ``frame_stack`` from the env kwargs (it is not the base env's option) and check it."""
+    frame_stack = int(env_kwargs.pop("frame_stack", 1))
+    if frame_stack < 1:
+        raise ConfigError(f"frame_stack must be >= 1, got {frame_stack}")
+    if frame_stack > 1 and _suite(env_id) is None:
+        raise ConfigError(f"{env_id}: frame_stack is only supported for nested (pixel) observations of suite envs")
+    return frame_stack
+
+
+def _nested_keys(env) -> list[str]:
+    """Entries of a nested ``observation`` (empty for a flat one)."""
+    spec = env.observation_spec["observation"]
+    return list(spec.keys()) if hasattr(spec, "keys") else []
+
+
+def stacked_shapes(shapes: dict[str, list[int]], frame_stack: int) -> dict[str, list[int]]:
+    """Shapes after stacking ``frame_stack`` frames: ``pixels`` on the channel axis (-3), other entries on the last."""
+    out = {}
+    for key, shape in shapes.items():
+        shape = list(shape)
+        axis = -3 if key == PIXELS_KEY else -1
+        shape[axis] *= frame_stack
+        out[key] = shape
+    return out
+
+
+def frame_stack_transforms(keys: list[str], frame_stack: int) -> list[Transform]:
+    """``CatFrames`` over ``("observation", key)`` for every nested entry (see the module doc); none for ``k = 1``."""
+    if frame_stack == 1:
+        return []
+    if not keys:
+        raise ConfigError("frame_stack needs a nested (pixel) observation; this env's is a flat vector")
+    by_axis: dict[int, list] = {}
+    for key in keys:
+        by_axis.setdefault(-3 if key == PIXELS_KEY else -1, []).append(("observation", key))
+    return [CatFrames(N=frame_stack, dim=axis, in_keys=in_keys) for axis, in_keys in by_axis.items()]
 
 
 def _suite(env_id: str):
@@ -120,3 +176,21 @@ def _suite(env_id: str):
         raise ConfigError(f"unknown env suite {prefix!r} in {env_id!r}: use a gymnasium id or one of "
                           + ", ".join(f"{name}:<task>" for name in SUITES))
     return importlib.import_module(f"arsq_lightning.envs_{prefix}")
+
+
+def stack_frames(frames: torch.Tensor, frame_stack: int, *, pixels: bool) -> torch.Tensor:
+    """Stack an episode's frames offline exactly as the env-side ``CatFrames`` does (for demos stored unstacked).
+
+    Args:
+        frames: one episode, ``[T, V, C, H, W]`` (``pixels``) or ``[T, P]``.
+        frame_stack: ``k``; step ``t`` holds frames ``t-k+1 .. t`` (oldest first), the first frame repeated before
+            the episode's start.
+        pixels: stack on the channel axis (``[T, V, k * C, H, W]``) rather than the last one (``[T, k * P]``).
+    """
+    steps = frames.shape[0]
+    index = (torch.arange(steps)[:, None] + torch.arange(1 - frame_stack, 1)[None]).clamp(min=0)  # [T, k]
+    stacked = frames[index]  # [T, k, ...]
+    if pixels:
+        t, k, v, c, h, w = stacked.shape
+        return stacked.permute(0, 2, 1, 3, 4, 5).reshape(t, v, k * c, h, w)
+    return stacked.reshape(steps, -1)

@@ -21,7 +21,8 @@ DemoReduction = Literal["demo_mean", "batch_mean", "sum_all"]
 
 
 def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: Conservative,
-                         temperature: float, clip_min: float, clip_max: float, reduction: DemoReduction) -> Tensor:
+                         temperature: float, clip_min: float, clip_max: float, reduction: DemoReduction,
+                         valid: Tensor | None = None) -> Tensor:
     """Per-critic conservative term (§3.3 step 5).
 
     Args:
@@ -34,18 +35,24 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
         reduction: how samples are reduced: ``demo_mean`` (sum over demos / number of demos; correct, default),
             ``batch_mean`` (sum over demos / batch size; official RLBench), ``sum_all`` (sum over the whole batch,
             demo or not; the official D4RL ``margin`` broadcasting bug, §8.5).
+        valid: ``[N, K]`` bins that exist (per-dim grids): missing bins are not "other bins", and a position with
+            no other bin adds nothing.
 
     Returns:
         ``[C]``; zero when the batch holds no demo.
     """
     data = adv.gather(-1, codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1))  # [C, B, N, 1]
     others = torch.ones_like(adv, dtype=torch.bool).scatter(-1, codes.unsqueeze(0).unsqueeze(-1).expand_as(data), False)
+    count = torch.full(adv.shape[-2:-1], adv.shape[-1] - 1.0, device=adv.device)  # other bins per position [N]
+    if valid is not None:
+        others, count = others & valid, valid.sum(-1).to(adv.dtype) - 1.0
     if variant == "cql":
         soft_max = temperature * torch.logsumexp((adv / temperature).masked_fill(~others, float("-inf")), dim=-1)
-        per_sample = (soft_max - data.squeeze(-1)).clamp(clip_min, clip_max).sum(-1)  # [C, B]
+        per_position = (soft_max - data.squeeze(-1)).clamp(clip_min, clip_max)  # [C, B, N]
+        per_sample = torch.where(count > 0, per_position, 0.0).sum(-1)  # [C, B]
     else:
-        diff = (adv - data).clamp(clip_min, clip_max) * others
-        per_sample = diff.sum(dim=(-1, -2)) / (adv.shape[-1] - 1)
+        diff = torch.where(others, (adv - data).clamp(clip_min, clip_max), 0.0)
+        per_sample = (diff.sum(-1) / count.clamp(min=1.0)).sum(-1)
     demo = demo.to(adv.dtype).reshape(-1)
     any_demo = (demo.sum() > 0).to(adv.dtype)
     if reduction == "sum_all":
@@ -99,10 +106,12 @@ class ARSQLoss:
         target = reward + self.gamma * not_terminal * critic.target_value(batch["next", "observation"])
         loss_td = self.td_weight * (q - target).pow(2).mean(-1).sum()
         loss_conservative = torch.zeros((), device=q.device)
+        disc = critic.discretizer
         if self.conservative != "none" and self.demo_key in batch.keys():
             penalty = conservative_penalty(adv, codes, batch[self.demo_key], variant=self.conservative,
                                            temperature=self.cql_temperature, clip_min=self.clip_min,
-                                           clip_max=self.clip_max, reduction=self.demo_reduction)
+                                           clip_max=self.clip_max, reduction=self.demo_reduction,
+                                           valid=None if disc.uniform_grid else disc.bin_mask)
             loss_conservative = self.conservative_weight * penalty.sum()
         return {"loss": loss_td + loss_conservative, "loss_td": loss_td.detach(),
                 "loss_conservative": loss_conservative.detach(), "q": q.detach().mean(), "target": target.mean()}

@@ -8,15 +8,20 @@ TorchRL's exploration type is ``RANDOM`` (what collectors set) and takes the arg
 from __future__ import annotations
 
 import torch
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.envs.utils import ExplorationType, exploration_type
 
+from arsq_lightning.augment import augmentation_disabled
 from arsq_lightning.critic import ARSQCritic
 
 
 class ARSQActor(nn.Module):
     """``observation [B, obs_dim] -> action [B, D]`` on the observation's device.
+
+    A nested observation (a TensorDict ``[B]`` or unbatched ``[]``, e.g. ``pixels`` + ``proprio``) is passed to the
+    critic's encoder as is. Image augmentation is switched off while acting.
 
     Args:
         critic: the critic that selects actions (shared, not copied: training updates are seen at once).
@@ -28,16 +33,26 @@ class ARSQActor(nn.Module):
         self.critic = critic
         self.generator = generator
 
-    def forward(self, observation: Tensor) -> Tensor:
+    def forward(self, observation: Tensor | TensorDictBase) -> Tensor:
         device = self.critic.discretizer.low.device
-        squeeze = observation.dim() == 1
+        nested = isinstance(observation, TensorDictBase)
+        squeeze = observation.batch_dims == 0 if nested else observation.dim() == 1
         obs = observation.unsqueeze(0) if squeeze else observation
         if self.generator is not None and self.generator.device != device:
             self.generator = torch.Generator(device).manual_seed(self.generator.initial_seed())
-        action = self.critic.act(obs.to(device), deterministic=exploration_type() != ExplorationType.RANDOM,
-                                 generator=self.generator)
-        action = action.to(observation.device)
+        with augmentation_disabled(self.critic):
+            action = self.critic.act(obs.to(device), deterministic=exploration_type() != ExplorationType.RANDOM,
+                                     generator=self.generator)
+        out_device = _device_of(observation) if nested else observation.device
+        action = action.to(out_device)
         return action.squeeze(0) if squeeze else action
+
+
+def _device_of(observation: TensorDictBase) -> torch.device:
+    """The TensorDict's device, or its first entry's when it has none."""
+    if observation.device is not None:
+        return observation.device
+    return next(iter(observation.values(include_nested=True, leaves_only=True))).device
 
 
 def make_actor(critic: ARSQCritic, generator: torch.Generator | None = None) -> TensorDictModule:

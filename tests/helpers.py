@@ -35,14 +35,15 @@ def only_run(uri: str):
     return client, runs[0]
 
 
-def write_random_dataset(env_id: str, path: Path, steps: int = 120, max_episode_steps: int = 18) -> Path:
+def write_random_dataset(env_id: str, path: Path, steps: int = 120, max_episode_steps: int = 18,
+                         env_kwargs: dict | None = None) -> Path:
     """A small D4RL-layout file from uniformly random actions in a real env (episodes end by termination or time-out)."""
     import torch
 
     from arsq_lightning import make_env, write_d4rl_hdf5
 
     torch.manual_seed(0)
-    env = make_env(env_id, seed=0, max_episode_steps=max_episode_steps)
+    env = make_env(env_id, seed=0, max_episode_steps=max_episode_steps, **(env_kwargs or {}))
     data = env.rollout(steps, break_when_any_done=False)
     write_d4rl_hdf5(path, data, metadata={"generator": "uniform random actions (tests)"})
     return path

@@ -17,8 +17,10 @@ def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     extra = []
     data = yaml.safe_load(config.read_text())["data"]
     if "dataset" in data["init_args"]:  # point the dataset at a small file from the right env
-        env_id = data["init_args"]["env_id"]
-        extra = ["--data.dataset", str(write_random_dataset(env_id, tmp_path / "data.hdf5"))]
+        init = data["init_args"]
+        path = write_random_dataset(init["env_id"], tmp_path / "data.hdf5", steps=40 if "pixels" in config.name else 120,
+                                    env_kwargs=init.get("env_kwargs"))
+        extra = ["--data.dataset", str(path)]
     cli = build_cli(["--config", str(config), *extra], run=False)
     assert isinstance(cli.model, ARSQModule) and isinstance(cli.datamodule, OnlineDataModule)
     spec, disc = cli.datamodule.env_spec, cli.model.critic.discretizer

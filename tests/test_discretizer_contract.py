@@ -1,5 +1,5 @@
-"""The contract every discretizer meets (ALGORITHM.md §2): uniform and data-adaptive (quantile) grids alike,
-plus what is special about the quantile grid (equal data mass per bin, fitted once, checkpointed)."""
+"""The contract every discretizer meets (ALGORITHM.md §2): uniform, per-dimension and data-adaptive (quantile) grids
+alike, plus what is special about each (per-dim grids = independent 1-D grids; quantile bins hold equal data mass)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,23 @@ def quantile_unfitted(levels: int, bins: int):
     return QuantileDiscretizer(LOW, HIGH, levels=levels, bins=bins)
 
 
-FACTORIES = [uniform, quantile, quantile_unfitted]
+def per_dim(levels: int, bins: int):
+    """Each dim its own grid (``levels``, ``bins`` are ignored): 5 bins x 1 level, 2 x 3, 3 x 2."""
+    return CoarseToFineDiscretizer(LOW, HIGH, levels=[1, 3, 2], bins=[5, 2, 3])
+
+
+FACTORIES = [uniform, quantile, quantile_unfitted, per_dim]
+
+
+def all_codes(disc) -> torch.Tensor:
+    """Every code sequence of each dim, dim by dim in increasing order: ``[J, L, D]`` (dims padded by repeating)."""
+    per_dim_codes = []
+    for d in range(disc.action_dim):
+        ranges = [range(int(b)) for b in disc.bins_table[:, d].tolist()]
+        per_dim_codes.append(torch.tensor(list(itertools.product(*ranges))))  # [J_d, L]
+    longest = max(c.shape[0] for c in per_dim_codes)
+    padded = [torch.cat([c, c[-1:].expand(longest - c.shape[0], -1)]) for c in per_dim_codes]
+    return torch.stack(padded, dim=-1)
 SIZES = [(1, 5), (2, 3), (3, 2)]
 
 
@@ -49,13 +65,15 @@ def random_actions(n: int, seed: int = 0) -> torch.Tensor:
 def test_every_code_decodes_inside_bounds_and_reencodes_to_itself(factory, levels, bins):
     """Codes -> action -> codes is the identity on every code combination of one dim (and all dims at once)."""
     disc = factory(levels, bins)
-    combos = torch.tensor(list(itertools.product(range(bins), repeat=levels)))  # [K^L, L]
-    codes = combos.unsqueeze(-1).expand(-1, -1, 3)  # the same digits in every dim
+    codes = all_codes(disc)
     action = disc.decode(codes)
-    assert action.shape == (combos.shape[0], 3)
+    assert action.shape == (codes.shape[0], 3)
     assert bool((action > torch.tensor(LOW)).all() and (action < torch.tensor(HIGH)).all())
     assert torch.equal(disc.encode(action), codes)
-    assert bool((action.diff(dim=0) > 0).all()), "decode is strictly increasing in the code's base-K value"
+    for d in range(3):
+        cells = int(disc.bins_table[:, d].prod())
+        strictly = action[:cells, d].diff() > 0
+        assert bool(strictly.all()), "decode is strictly increasing in the code's (mixed-radix) value"
 
 
 @pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
@@ -64,8 +82,8 @@ def test_encode_is_monotone_and_decode_stays_in_the_same_cell(factory, levels, b
     disc = factory(levels, bins)
     action = random_actions(500)
     codes = disc.encode(action)
-    assert codes.dtype == torch.long and codes.shape == (500, levels, 3)
-    assert bool((codes >= 0).all() and (codes < bins).all())
+    assert codes.dtype == torch.long and codes.shape == (500, disc.levels, 3)
+    assert bool((codes >= 0).all() and (codes < disc.bins_table.long()).all())
     assert torch.equal(disc.encode(disc.decode(codes)), codes)
     index = (disc.prefix(codes)[:, -1]).long()  # finest cell per dim
     order = action.argsort(0)
@@ -76,8 +94,9 @@ def test_encode_is_monotone_and_decode_stays_in_the_same_cell(factory, levels, b
 def test_bounds_and_outside_values_map_to_edge_bins(factory):
     disc = factory(2, 5)
     edge = disc.encode(torch.tensor([LOW, HIGH, [-9.0, -9.0, -9.0], [9.0, 9.0, 9.0]]))
+    top = disc.bins_table.long() - 1
     assert bool((edge[0] == 0).all() and (edge[2] == 0).all())
-    assert bool((edge[1] == 4).all() and (edge[3] == 4).all())
+    assert torch.equal(edge[1], top) and torch.equal(edge[3], top)
 
 
 @pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
@@ -87,8 +106,8 @@ def test_zoom_in_in_unit_space_ends_at_decode(factory, levels, bins):
     disc = factory(levels, bins)
     codes = disc.encode(random_actions(64, seed=3))
     low, high = torch.full((64, 3), -1.0, dtype=torch.float64), torch.ones(64, 3, dtype=torch.float64)
-    for lvl in range(levels):
-        low, high = disc.zoom_in(low, high, codes[:, lvl])
+    for lvl in range(disc.levels):
+        low, high = disc.zoom_in(low, high, codes[:, lvl], lvl)
     torch.testing.assert_close(disc.from_unit(((low + high) / 2).float()), disc.decode(codes), atol=1e-5, rtol=0)
 
 
@@ -145,3 +164,25 @@ def test_fitting_repeated_values_without_mix_fails_with_one_line():
     with pytest.raises(ConfigError, match="uniform_mix"):
         disc.fit(data)
     QuantileDiscretizer(LOW, HIGH, levels=1, bins=3, uniform_mix=0.1).fit(data)  # the mix keeps knots apart
+
+
+def test_per_dim_grid_is_each_dims_own_uniform_grid():
+    """Dim d of a per-dim grid encodes and decodes exactly like a 1-D grid with d's levels and bins; the levels it
+    does not have hold code 0."""
+    mixed = per_dim(0, 0)
+    action = random_actions(400, seed=7)
+    codes, decoded = mixed.encode(action), mixed.decode(mixed.encode(action))
+    for d, (levels, bins) in enumerate([(1, 5), (3, 2), (2, 3)]):
+        alone = CoarseToFineDiscretizer([LOW[d]], [HIGH[d]], levels=levels, bins=bins)
+        own = alone.encode(action[:, d:d + 1])  # [B, levels, 1]
+        assert torch.equal(codes[:, :levels, d], own[..., 0])
+        assert bool((codes[:, levels:, d] == 0).all())
+        torch.testing.assert_close(decoded[:, d], alone.decode(own)[:, 0], atol=1e-6, rtol=0)
+    assert mixed.bin_mask.shape == (3 * 3, 5) and int(mixed.bin_mask.sum()) == (5 + 2 + 3) + (1 + 2 + 3) + (1 + 2 + 1)
+
+
+def test_per_dim_lists_must_match_the_action_dims():
+    with pytest.raises(ConfigError, match="one value per action dim"):
+        CoarseToFineDiscretizer(LOW, HIGH, levels=[1, 2], bins=3)
+    with pytest.raises(ConfigError, match="bins must be >= 2"):
+        CoarseToFineDiscretizer(LOW, HIGH, levels=2, bins=[3, 1, 3])

@@ -47,3 +47,15 @@ def test_quantile_discretizer_is_fitted_to_the_dataset_once_and_resumed(monkeypa
     ckpt = first.trainer.checkpoint_callback.last_model_path
     resumed = build_cli([*args, "--trainer.max_steps", "40", "--ckpt_path", ckpt])
     assert torch.equal(resumed.model.critic.discretizer.edges, disc.edges)
+
+
+def test_per_dim_grids_train_with_both_critics(monkeypatch, tmp_path):
+    """``levels`` / ``bins`` lists give each action dim its own grid, for ARSQ and CQN alike."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    grid = ["--model.discretizer.init_args.levels", "[3, 2]", "--model.discretizer.init_args.bins", "[5, 3]"]
+    for config in ("reacher_arsq.yaml", "reacher_cqn.yaml"):
+        cli = build_cli(["fit", "--config", str(COMPARE / config), *TINY, "--trainer.max_steps", "20", *grid])
+        disc = cli.model.critic.discretizer
+        assert disc.bins_table.long().tolist() == [[5, 3], [5, 3], [5, 1]] and cli.trainer.global_step == 20
+        action = cli.model.act(torch.randn(64, 10), deterministic=False)
+        assert torch.equal(disc.decode(disc.encode(action)), action)
