@@ -104,12 +104,13 @@ class CQNLoss:
         discount = self.gamma * (1.0 - batch["next", "terminated"].reshape(-1).to(logits.dtype))
         target = self._target(critic, batch["next", "observation"], reward, discount)  # [B, L, D, A]
         if head.atoms == 1:
-            loss_td = (data_logits - target).pow(2).mean()
+            per_position = (data_logits - target).pow(2).squeeze(-1)  # [B, L, D]
         else:
-            loss_td = -(target * data_logits.log_softmax(-1)).sum(-1).mean()
-        loss_td = self.critic_weight * loss_td
-        q = head.expected_q(logits)  # [B, L, D, K]
+            per_position = -(target * data_logits.log_softmax(-1)).sum(-1)
         disc = critic.discretizer
+        deciding = (disc.bins_table > 1).to(per_position.dtype)  # positions with a choice (per-dim grids: not all)
+        loss_td = self.critic_weight * (per_position * deciding).sum() / (deciding.sum() * per_position.shape[0])
+        q = head.expected_q(logits)  # [B, L, D, K]
         valid = None if disc.uniform_grid else disc.bin_mask.view(disc.levels, disc.action_dim, disc.bins)
         loss_fosd, loss_margin = self._demo_terms(logits, q, codes, batch, valid)
         loss = loss_td + loss_fosd + loss_margin

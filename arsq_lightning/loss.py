@@ -43,7 +43,7 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
     """
     data = adv.gather(-1, codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1))  # [C, B, N, 1]
     others = torch.ones_like(adv, dtype=torch.bool).scatter(-1, codes.unsqueeze(0).unsqueeze(-1).expand_as(data), False)
-    count = torch.full(adv.shape[-2:-1], adv.shape[-1] - 1.0, device=adv.device)  # other bins per position [N]
+    count = torch.full(adv.shape[-2:-1], adv.shape[-1] - 1.0, dtype=adv.dtype, device=adv.device)  # others per position
     if valid is not None:
         others, count = others & valid, valid.sum(-1).to(adv.dtype) - 1.0
     if variant == "cql":

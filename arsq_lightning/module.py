@@ -99,10 +99,11 @@ class ARSQModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Fit a data-adaptive discretizer (one with ``fit``) to the data module's actions, once, before training.
 
-        A resumed run restores the fitted map from the checkpoint afterwards, so the map never changes mid-run.
+        A resumed run (``ckpt_path``) takes the fitted map from the checkpoint instead, so it never changes mid-run.
         """
         disc = self.critic.discretizer
-        if stage != "fit" or not hasattr(disc, "fit") or bool(disc.fitted):
+        resuming = self.trainer.ckpt_path is not None
+        if stage != "fit" or not hasattr(disc, "fit") or bool(disc.fitted) or resuming:
             return
         samples = getattr(self.trainer.datamodule, "action_samples", lambda: None)()
         if samples is None:

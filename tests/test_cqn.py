@@ -189,8 +189,16 @@ def test_fosd_is_zero_when_the_data_bin_dominates():
     assert float(fosd_penalty(logits, torch.full((1, 1, 1), 2, dtype=torch.long))) > 1.0
 
 
+def perturb_target(critic: CQNCritic) -> CQNCritic:
+    """Make the target head differ from the online one, so swapping their roles would change the numbers."""
+    with torch.no_grad():
+        for p in critic.target_head.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return critic
+
+
 def test_td_loss_is_cross_entropy_to_the_projected_double_q_target():
-    critic = make()
+    critic = perturb_target(make())
     data = batch(critic)
     loss = CQNLoss(gamma=0.9)
     out = loss(critic, data)
@@ -211,7 +219,7 @@ def test_td_loss_is_cross_entropy_to_the_projected_double_q_target():
 
 
 def test_non_distributional_variant_regresses_q_on_the_double_q_target():
-    critic = make(atoms=1)
+    critic = perturb_target(make(atoms=1))
     data = batch(critic)
     out = CQNLoss(gamma=0.9)(critic, data)
     with torch.no_grad():

@@ -84,10 +84,12 @@ def test_quadruped_uses_camera_2_and_bad_settings_fail_in_one_line():
                 env_spec_of("dmc:cheetah-run", **kwargs)
 
 
-def test_tiny_pixel_fit_through_the_cli(monkeypatch, tmp_path):
-    """The shipped pixel config with tiny sizes: collector, uint8 buffer, pixel encoder, updates, evaluation."""
+@pytest.mark.parametrize("config", [PIXELS, PIXELS.with_name("cheetah_run_pixels_cqn.yaml")], ids=["arsq", "cqn"])
+def test_tiny_pixel_fit_through_the_cli(config, monkeypatch, tmp_path):
+    """The shipped pixel configs (ARSQ and CQN) with tiny sizes: collector, uint8 buffer, pixel encoder, updates,
+    evaluation."""
     use_tmp_mlflow(monkeypatch, tmp_path)
-    cli = build_cli(["fit", "--config", str(PIXELS), "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
+    cli = build_cli(["fit", "--config", str(config), "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
                      "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "4",
                      "--data.init_random_frames", "24", "--data.learning_starts", "24", "--data.batch_size", "8",
                      "--data.eval_episodes", "1", "--data.max_episode_steps", "10",

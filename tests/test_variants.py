@@ -45,7 +45,9 @@ def test_quantile_discretizer_is_fitted_to_the_dataset_once_and_resumed(monkeypa
     uniform = QuantileDiscretizer(disc.low, disc.high, levels=3, bins=5, knots=64, uniform_mix=0.1).edges
     assert not torch.allclose(disc.edges, uniform)
     ckpt = first.trainer.checkpoint_callback.last_model_path
-    resumed = build_cli([*args, "--trainer.max_steps", "40", "--ckpt_path", ckpt])
+    # a different mix would fit other edges: the resumed run must take the checkpoint's, not refit
+    resumed = build_cli([*args, "--trainer.max_steps", "40", "--ckpt_path", ckpt,
+                         "--model.discretizer.init_args.uniform_mix", "0.5"])
     assert torch.equal(resumed.model.critic.discretizer.edges, disc.edges)
 
 
