@@ -1,0 +1,178 @@
+"""Demonstrations for Meta-World tasks from Meta-World's own scripted experts (``metaworld.policies``), in the project's
+dataset format (D4RL-layout HDF5, read by ``OfflineToOnlineDataModule``'s ``data.dataset``).
+
+Episode ``k`` resets the task with seed ``--seed + k`` (its goal and object positions), the scripted expert acts on the
+39-d state, and optional noise makes it suboptimal: Gaussian noise of std ``--noise`` on every action (then clipped to
+[-1, 1]) and/or, with probability ``--epsilon``, a uniformly random action. ``--only-success`` keeps the successful
+episodes only (and runs episodes until ``--episodes`` successes or ``--max-tries``). Rewards, termination and time
+limit are those of the project's env (``metaworld:<task>``, sparse reward 1 on success by default).
+
+    python scripts/make_demos.py --task reach-v3 --episodes 100 --out demos/metaworld/reach-v3.hdf5
+    python scripts/make_demos.py --task drawer-close-v3 --episodes 100 --noise 0.3 --max-episode-steps 150 \
+        --out demos/metaworld/drawer-close-v3_noise0.3.hdf5
+    python scripts/make_demos.py --task reach-v3 --observation pixels --cameras corner2 gripperPOV \
+        --out demos/metaworld/reach-v3_pixels.hdf5
+
+State files are plain D4RL layout (``observations``, ``actions``, ``next_observations``, ``rewards``,
+``terminals``, ``timeouts``) plus ``metadata/*`` (source, task, noise, number of episodes, success rate, returns).
+Pixel files store the nested observation as HDF5 groups ``observations/pixels`` (uint8 ``[T, V, 3k, H, W]`` for
+``--frame-stack k``, gzip), ``observations/proprio`` (and ``observations/state``), without ``next_observations`` (the
+next row's observation is the next observation; terminal rows need none), which ``read_d4rl_hdf5`` must learn to
+read (see the project's notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from arsq_lightning.datasets import write_d4rl_hdf5  # noqa: E402
+from arsq_lightning.envs import make_env  # noqa: E402
+
+SOURCE = "Meta-World scripted expert (metaworld.policies)"
+# The experts' own gains trigger this warning; their actions are clipped to [-1, 1] anyway.
+warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
+
+
+class NoisyExpert:
+    """``tensordict -> tensordict`` with ``action``: the task's scripted expert on the env's 39-d state, plus noise.
+
+    Args:
+        task: Meta-World task name.
+        env: the TorchRL env (its base ``MetaWorldEnv`` exposes the last state as ``raw_observation``).
+        noise: std of Gaussian action noise.
+        epsilon: probability of a uniformly random action instead.
+        rng: numpy generator for the noise.
+    """
+
+    def __init__(self, task: str, env, noise: float, epsilon: float, rng: np.random.Generator):
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.expert = ENV_POLICY_MAP[task]()
+        self.base, self.noise, self.epsilon, self.rng = env.base_env, noise, epsilon, rng
+
+    def __call__(self, td: TensorDictBase) -> TensorDictBase:
+        action = np.asarray(self.expert.get_action(self.base.raw_observation), dtype=np.float64)
+        if self.noise > 0:
+            action = action + self.rng.normal(0.0, self.noise, size=action.shape)
+        if self.epsilon > 0 and self.rng.random() < self.epsilon:
+            action = self.rng.uniform(-1.0, 1.0, size=action.shape)
+        td["action"] = torch.as_tensor(np.clip(action, -1.0, 1.0), dtype=torch.float32)
+        return td
+
+
+def env_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {"observation": args.observation, "reward": args.reward, "max_episode_steps": args.max_episode_steps}
+    if args.observation == "pixels":
+        kwargs.update(cameras=args.cameras, image_size=args.image_size, include_state=args.include_state)
+        if args.frame_stack > 1:
+            kwargs["frame_stack"] = args.frame_stack
+    return kwargs
+
+
+def rollouts(args: argparse.Namespace) -> tuple[TensorDict, list[float], list[bool], int]:
+    """Run episodes; returns (kept transitions with an ``episode`` id, kept returns, success of every episode run,
+    episodes run)."""
+    env = make_env(f"metaworld:{args.task}", seed=args.seed, **env_kwargs(args))
+    expert = NoisyExpert(args.task, env, args.noise, args.epsilon, np.random.default_rng(args.seed))
+    kept, returns, successes = [], [], []
+    tries = 0
+    while len(kept) < args.episodes and tries < max(args.max_tries, args.episodes):
+        env.set_seed(args.seed + tries)
+        episode = env.rollout(env.base_env.max_episode_steps, expert, break_when_any_done=True)
+        tries += 1
+        success = bool(episode["next", "success"].any())
+        successes.append(success)
+        if success or not args.only_success:
+            episode["episode"] = torch.full((episode.numel(),), len(kept), dtype=torch.long)
+            kept.append(episode)
+            returns.append(float(episode["next", "reward"].sum()))
+        if not args.only_success and tries >= args.episodes:
+            break
+    env.close()
+    if not kept:
+        raise SystemExit(f"make_demos: no successful episode in {tries} tries of {args.task}")
+    return torch.cat(kept), returns, successes, tries
+
+
+def write_nested_hdf5(path: Path, data: TensorDict, metadata: dict) -> None:
+    """D4RL layout with the nested observation as groups ``observations/<key>`` (no ``next_observations``)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for key, value in data["observation"].items():
+            array = value.numpy()
+            image = array.dtype == np.uint8
+            f.create_dataset(f"observations/{key}", data=array, chunks=(1, *array.shape[1:]) if image else None,
+                             compression="gzip" if image else None)
+        f["actions"] = data["action"].numpy()
+        f["rewards"] = data["next", "reward"].reshape(-1).numpy()
+        f["terminals"] = data["next", "terminated"].reshape(-1).numpy()
+        f["timeouts"] = data["next", "truncated"].reshape(-1).numpy()
+        for key, value in metadata.items():
+            f[f"metadata/{key}"] = value
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    data, returns, successes, tries = rollouts(args)
+    meta = {"source": f"{SOURCE}, noise={args.noise}, epsilon={args.epsilon}", "env_id": f"metaworld:{args.task}",
+            "task": args.task, "noise": args.noise, "epsilon": args.epsilon, "seed": args.seed,
+            "only_success": args.only_success, "episodes": len(returns), "episodes_run": tries,
+            "success_rate": float(np.mean(successes)), "mean_return": float(np.mean(returns)),
+            "returns": np.asarray(returns), "env_kwargs": json.dumps(env_kwargs(args))}
+    out = Path(os.path.expanduser(args.out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.observation == "state":
+        write_d4rl_hdf5(out, data, metadata=meta)
+    else:
+        write_nested_hdf5(out, data, meta)
+    lengths = torch.bincount(data["episode"]).float()
+    print(f"make_demos: {args.task} {len(returns)} episodes ({tries} run, success rate {meta['success_rate']:.2f}), "
+          f"{data.numel()} transitions, mean length {lengths.mean():.1f}, mean return {meta['mean_return']:.3f}, "
+          f"noise {args.noise}, epsilon {args.epsilon} -> {out} ({out.stat().st_size / 1e6:.1f} MB, "
+          f"{time.perf_counter() - start:.0f} s)")
+    return meta
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="Meta-World task, e.g. reach-v3")
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--out", required=True, help="output .hdf5 path")
+    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
+    parser.add_argument("--epsilon", type=float, default=0.0, help="probability of a uniformly random action")
+    parser.add_argument("--only-success", action="store_true", help="keep successful episodes only")
+    parser.add_argument("--max-tries", type=int, default=0, help="episode cap with --only-success (default 3x)")
+    parser.add_argument("--seed", type=int, default=0, help="episode k uses seed + k")
+    parser.add_argument("--max-episode-steps", type=int, default=None, help="time limit (Meta-World: 500)")
+    parser.add_argument("--reward", choices=("sparse", "dense"), default="sparse")
+    parser.add_argument("--observation", choices=("state", "pixels"), default="state")
+    parser.add_argument("--cameras", nargs="+", default=["corner2", "gripperPOV"])
+    parser.add_argument("--image-size", type=int, default=84)
+    parser.add_argument("--include-state", action="store_true", help="pixels: also store the 39-d state")
+    parser.add_argument("--frame-stack", type=int, default=1, help="pixels: store stacks of this many frames")
+    args = parser.parse_args(argv)
+    if args.max_tries == 0:
+        args.max_tries = 3 * args.episodes if args.only_success else args.episodes
+    if args.episodes < 1 or args.noise < 0 or not 0 <= args.epsilon <= 1:
+        parser.error("--episodes must be >= 1, --noise >= 0 and --epsilon in [0, 1]")
+    return args
+
+
+if __name__ == "__main__":
+    main()
