@@ -69,8 +69,9 @@ class CQNCritic(nn.Module):
         valid = disc.bin_mask.view(disc.levels, disc.action_dim, disc.bins)
         for lvl in range(disc.levels):
             q = head.expected_q(head.level_logits(features, disc.midpoint(prefix, lvl), lvl))  # [B, D, K]
-            spread = q.masked_fill(~valid[lvl], float("-inf")).amax(-1) - q.masked_fill(~valid[lvl], float("inf")).amin(-1)
-            choice = q.masked_fill(~valid[lvl], float("-inf")).argmax(-1)
+            best = q.masked_fill(~valid[lvl], float("-inf"))  # missing bins never win
+            spread = best.amax(-1) - q.masked_fill(~valid[lvl], float("inf")).amin(-1)
+            choice = best.argmax(-1)
             tied = spread < self.tie_tolerance
             if bool(tied.any()):  # a uniformly random valid bin
                 uniform = torch.rand(choice.shape, device=q.device, generator=generator)

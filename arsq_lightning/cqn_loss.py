@@ -40,6 +40,12 @@ def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support
     return projected
 
 
+def at_bins(values: Tensor, codes: Tensor) -> Tensor:
+    """Each (level, dim)'s atoms at its bin: ``[B, L, D, K, A], [B, L, D] -> [B, L, D, A]``."""
+    index = codes[..., None, None].expand(*codes.shape, 1, values.shape[-1])
+    return values.gather(-2, index).squeeze(-2)
+
+
 def fosd_penalty(logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> Tensor:
     """Per-sample FOSD term ``[B]``: ``mean_{l,d,b} sum_atoms max(F_a - F_b, 0)`` over atom CDFs (§6.4).
 
@@ -49,7 +55,7 @@ def fosd_penalty(logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> 
         valid: ``[L, D, K]`` bins that exist (per-dim grids); the mean runs over these only.
     """
     cdf = logits.softmax(-1).cumsum(-1)  # [B, L, D, K, A]
-    data = cdf.gather(-2, codes[..., None, None].expand(*codes.shape, 1, cdf.shape[-1]))  # [B, L, D, 1, A]
+    data = at_bins(cdf, codes).unsqueeze(-2)  # [B, L, D, 1, A]
     return _mean_over_bins((data - cdf).clamp(min=0).sum(-1), valid)
 
 
@@ -98,8 +104,7 @@ class CQNLoss:
         features = critic.encoder(batch["observation"])
         codes = critic.discretizer.encode(batch["action"])  # [B, L, D]
         logits = critic.logits(features, codes)  # [B, L, D, K, A]
-        index = codes[..., None, None].expand(*codes.shape, 1, head.atoms)
-        data_logits = logits.gather(-2, index).squeeze(-2)  # [B, L, D, A]
+        data_logits = at_bins(logits, codes)  # [B, L, D, A]
         reward = batch["next", "reward"].reshape(-1).to(logits.dtype)
         discount = self.gamma * (1.0 - batch["next", "terminated"].reshape(-1).to(logits.dtype))
         target = self._target(critic, batch["next", "observation"], reward, discount)  # [B, L, D, A]
@@ -125,8 +130,7 @@ class CQNLoss:
         features = critic.encoder(next_obs)
         best = critic.greedy_codes(features)  # online networks choose
         logits = critic.logits(features, best, target=True)
-        index = best[..., None, None].expand(*best.shape, 1, critic.head.atoms)
-        chosen = logits.gather(-2, index).squeeze(-2)  # [B, L, D, A]
+        chosen = at_bins(logits, best)  # [B, L, D, A]
         if critic.head.atoms == 1:
             return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen
         return c51_projection(chosen.softmax(-1), reward, discount, critic.head.support)

@@ -49,12 +49,12 @@ def _rows(value: np.ndarray | dict[str, np.ndarray]) -> int:
     return len(value)
 
 
-def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray | dict[str, np.ndarray]]:
+def _load_d4rl_arrays(path: Path, missing_hint: str = "") -> dict[str, np.ndarray | dict[str, np.ndarray]]:
     import h5py
 
     source = str(path)
     if not path.is_file():
-        raise ConfigError(f"{source}: no such file")
+        raise ConfigError(f"{source}: no such file" + (f"; {missing_hint}" if missing_hint else ""))
     if not h5py.is_hdf5(path):
         raise ConfigError(f"{source}: not an HDF5 file")
     try:
@@ -89,9 +89,7 @@ def _load_d4rl_arrays(path: Path) -> dict[str, np.ndarray | dict[str, np.ndarray
 
 
 def _row_shapes(value: np.ndarray | dict[str, np.ndarray]):
-    if isinstance(value, dict):
-        return {k: v.shape[1:] for k, v in value.items()}
-    return value.shape[1:]
+    return _map(value, lambda array: array.shape[1:])
 
 
 def _observation_array(value: np.ndarray | dict[str, np.ndarray]):
@@ -106,15 +104,16 @@ def _map(value, fn):
     return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
 
-def read_d4rl_hdf5(path: str | os.PathLike) -> TensorDict:
-    """Read a D4RL-layout HDF5 file into a TED TensorDict ``[T]`` (see module doc).
+def read_d4rl_hdf5(path: str | os.PathLike, *, missing_hint: str = "") -> TensorDict:
+    """Read a D4RL-layout HDF5 file into a TED TensorDict ``[T]`` (see module doc); ``missing_hint`` is appended to
+    the error for a file that does not exist (how to make it).
 
     Episodes end at ``terminals`` or ``timeouts``. Without ``next_observations``, the next observation is the next
     row's; rows whose successor is not in the file (a timeout, or the last row, that is not terminal) are dropped,
     since their next state is unknown. Terminal rows keep a placeholder next observation (never bootstrapped).
     """
     path = Path(path)
-    a = _load_d4rl_arrays(path)
+    a = _load_d4rl_arrays(path, missing_hint)
     obs = _observation_array(a["observations"])
     rows = _rows(a["observations"])
     terminated = a["terminals"].astype(bool).reshape(-1)

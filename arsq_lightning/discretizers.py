@@ -250,10 +250,13 @@ class QuantileDiscretizer(CoarseToFineDiscretizer):
         require(knots >= 1, f"knots must be >= 1, got {knots}")
         require(0.0 <= uniform_mix <= 1.0, f"uniform_mix must lie in [0, 1], got {uniform_mix}")
         self.uniform_mix = uniform_mix
-        uniform = torch.linspace(0.0, 1.0, knots + 1, dtype=torch.float64)
-        edges = self.low.double().unsqueeze(-1) + uniform * (self.high - self.low).double().unsqueeze(-1)
-        self.register_buffer("edges", edges)  # [D, knots + 1] env-space action at unit -1 + 2 j / knots
+        levels = torch.linspace(0.0, 1.0, knots + 1, dtype=torch.float64)
+        self.register_buffer("edges", self._uniform_edges(levels))  # [D, knots + 1] env action at unit -1 + 2 j / knots
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _uniform_edges(self, levels: Tensor) -> Tensor:
+        """The uniform map's knots ``[D, knots + 1]``: ``low + level * (high - low)`` for ``levels`` in ``[0, 1]``."""
+        return self.low.double().unsqueeze(-1) + levels * (self.high - self.low).double().unsqueeze(-1)
 
     @torch.no_grad()
     def fit(self, actions: Tensor) -> None:
@@ -264,8 +267,7 @@ class QuantileDiscretizer(CoarseToFineDiscretizer):
         levels = torch.linspace(0.0, 1.0, self.edges.shape[-1], dtype=torch.float64, device=clipped.device)
         quantiles = torch.quantile(clipped, levels, dim=0).T  # [D, knots + 1]
         quantiles[:, 0], quantiles[:, -1] = self.low.double(), self.high.double()
-        uniform = self.low.double().unsqueeze(-1) + levels * (self.high - self.low).double().unsqueeze(-1)
-        edges = (1.0 - self.uniform_mix) * quantiles + self.uniform_mix * uniform
+        edges = (1.0 - self.uniform_mix) * quantiles + self.uniform_mix * self._uniform_edges(levels)
         require(bool((edges.diff(dim=-1) > 0).all()), "the fitted action quantiles repeat (atoms in the data): "
                 "raise discretizer uniform_mix above 0")
         self.edges.copy_(edges.to(self.edges.device))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -106,8 +107,7 @@ def env_spec_of(env_id: str, **env_kwargs) -> EnvSpec:
         if spec.observation_shapes is None:
             raise ConfigError(f"{env_id}: frame_stack needs a nested (pixel) observation; this env's is a flat vector")
         shapes = stacked_shapes(spec.observation_shapes, frame_stack)
-        return dataclasses.replace(spec, obs_dim=sum(int(np.prod(s)) for s in shapes.values()),
-                                   observation_shapes=shapes)
+        return dataclasses.replace(spec, obs_dim=nested_obs_dim(shapes), observation_shapes=shapes)
     try:
         probe = gym.make(env_id, **env_kwargs)
     except gym.error.Error as err:
@@ -165,6 +165,17 @@ def frame_stack_transforms(keys: list[str], frame_stack: int) -> list[Transform]
     for key in keys:
         by_axis.setdefault(-3 if key == PIXELS_KEY else -1, []).append(("observation", key))
     return [CatFrames(N=frame_stack, dim=axis, in_keys=in_keys) for axis, in_keys in by_axis.items()]
+
+
+def dataset_hint(env_id: str, path: str, **env_kwargs) -> str:
+    """How to make a missing dataset file for this env (the suite's ``missing_dataset_hint``), or ``""``."""
+    hint = getattr(_suite(env_id), "missing_dataset_hint", None)
+    return "" if hint is None else hint(env_id.partition(":")[2], path, **env_kwargs)
+
+
+def nested_obs_dim(shapes: dict[str, list[int]]) -> int:
+    """``EnvSpec.obs_dim`` of a nested observation: the elements of all its entries."""
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def _suite(env_id: str):

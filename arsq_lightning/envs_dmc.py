@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from arsq_lightning.envs import EnvSpec
+from arsq_lightning.envs import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
 
 OBSERVATIONS = ("state", "pixels")
@@ -148,6 +148,6 @@ def env_spec_of(name: str, *, observation: str = "state", image_size: int = 84, 
         obs_dim = sum(int(np.prod(spec.shape)) for spec in env.observation_spec().values())
         return EnvSpec(obs_dim=obs_dim, action_low=low.astype(float).tolist(), action_high=high.astype(float).tolist())
     shapes = {"pixels": [1, 3, image_size, image_size]}
-    return EnvSpec(obs_dim=3 * image_size * image_size, action_low=low.astype(float).tolist(),
+    return EnvSpec(obs_dim=nested_obs_dim(shapes), action_low=low.astype(float).tolist(),
                    action_high=high.astype(float).tolist(), observation_shapes=shapes)
 

@@ -37,7 +37,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from arsq_lightning.envs import EnvSpec
+from arsq_lightning.envs import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # only matters if mujoco is imported after this module
@@ -87,7 +87,7 @@ def env_spec_of(name: str, *, observation: str = "state", cameras: Sequence[str]
     env options that do not change them (``max_episode_steps``, ``fast_render``)."""
     _check(name, observation, cameras, image_size, reward)
     shapes = observation_shapes(observation, cameras, image_size, include_state)
-    obs_dim = STATE_DIM if shapes is None else sum(int(np.prod(s)) for s in shapes.values())
+    obs_dim = STATE_DIM if shapes is None else nested_obs_dim(shapes)
     return EnvSpec(obs_dim=obs_dim, action_low=[-1.0] * ACTION_DIM, action_high=[1.0] * ACTION_DIM,
                    observation_shapes=shapes, success_reward=reward == "sparse" and terminate_on_success)
 

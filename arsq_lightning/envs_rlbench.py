@@ -35,7 +35,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from arsq_lightning.envs import EnvSpec
+from arsq_lightning.envs import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
 
 CAMERAS = ("front", "wrist", "left_shoulder", "right_shoulder")
@@ -264,7 +264,7 @@ def rlbench_env_spec(*, image_size: int = 84, cameras: Sequence[str] = CAMERAS, 
                      action_high: Sequence[float]) -> EnvSpec:
     """The :class:`EnvSpec` of an RLBench env with these settings (no simulator needed)."""
     shapes = {"pixels": [len(cameras), 3, int(image_size), int(image_size)], "proprio": [PROPRIO_DIM]}
-    return EnvSpec(obs_dim=sum(int(np.prod(s)) for s in shapes.values()), action_low=list(action_low),
+    return EnvSpec(obs_dim=nested_obs_dim(shapes), action_low=list(action_low),
                    action_high=list(action_high), observation_shapes=shapes, success_reward=True)
 
 

@@ -24,8 +24,8 @@ from tensordict import TensorDict, TensorDictBase
 from arsq_lightning.data import TRANSITION_KEYS, OnlineDataModule
 from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari
 from arsq_lightning.demos import DemoSplit, split_demos
-from arsq_lightning.envs import _suite
-from arsq_lightning.errors import ConfigError, require
+from arsq_lightning.envs import dataset_hint
+from arsq_lightning.errors import require
 
 STORED_KEYS = (*TRANSITION_KEYS, "demo")
 
@@ -91,11 +91,9 @@ class OfflineToOnlineDataModule(OnlineDataModule):
             data, source = read_minari(name.removeprefix("minari:"), root=self.hparams.minari_root), name
         else:
             path = Path(os.path.expanduser(name))
-            if not path.exists():  # say how to make it where the env's suite knows (e.g. Meta-World's scripted demos)
-                hint = getattr(_suite(self.hparams.env_id), "missing_dataset_hint", None)
-                raise ConfigError(f"data.dataset {path}: no such file" + (
-                    "" if hint is None else "; " + hint(self.hparams.env_id.partition(":")[2], name, **self.env_kwargs)))
-            data, source = read_d4rl_hdf5(path), str(path)
+            # a missing file's error says how to make it where the env's suite knows (e.g. Meta-World's demos)
+            hint = dataset_hint(self.hparams.env_id, name, **self.env_kwargs)
+            data, source = read_d4rl_hdf5(path, missing_hint=hint), str(path)
         data = check_against_env(data, self.env_spec, source)
         low, high = torch.tensor(self.env_spec.action_low), torch.tensor(self.env_spec.action_high)
         centre, half = (high + low) / 2, (high - low) / 2 * self.hparams.clip_action

@@ -24,6 +24,15 @@ def _data_with_collector(**kwargs) -> OnlineDataModule:
     return data
 
 
+def _data_after_updates(updates: int) -> OnlineDataModule:
+    """A data module that has collected and served ``updates`` batches."""
+    data = _data_with_collector()
+    stream = iter(data.train_dataloader())
+    for _ in range(updates):
+        next(stream)
+    return data
+
+
 @pytest.mark.parametrize("utd", [1.0, 0.5, 2.0])
 def test_updates_follow_the_update_to_data_ratio(utd):
     data = _data_with_collector(utd_ratio=utd)
@@ -37,10 +46,7 @@ def test_updates_follow_the_update_to_data_ratio(utd):
 
 
 def test_checkpoint_holds_only_the_filled_part_of_the_buffer():
-    data = _data_with_collector()
-    stream = iter(data.train_dataloader())
-    for _ in range(3):
-        next(stream)
+    data = _data_after_updates(3)
     state = data.state_dict()
     filled = len(data.buffer)
     saved = state["buffers"]["replay"]["data"]["observation"]
@@ -55,10 +61,7 @@ def test_checkpoint_holds_only_the_filled_part_of_the_buffer():
 
 
 def test_other_ranks_do_not_take_rank_zero_buffer_on_resume():
-    data = _data_with_collector()
-    stream = iter(data.train_dataloader())
-    for _ in range(3):
-        next(stream)
+    data = _data_after_updates(3)
     state = data.state_dict()
 
     rank1 = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8, buffer_size=500)
