@@ -98,7 +98,9 @@ class CQNLoss:
         return f"CQNLoss({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def __call__(self, critic: CQNCritic, batch: TensorDictBase) -> dict[str, Tensor]:
-        """Returns ``loss`` and detached ``loss_td``, ``loss_fosd``, ``loss_margin``, ``q``, ``target``."""
+        """Returns ``loss`` and detached ``loss_td``, ``loss_fosd``, ``loss_margin``, ``q``, ``target`` and
+        ``target_clipped`` (the share of expected targets ``r + gamma * E[Z']`` outside the support: values the C51
+        projection clips, a sign that ``v_min`` / ``v_max`` do not fit the reward scale and gamma)."""
         head = critic.head
         require(head.atoms > 1 or self.fosd_weight == 0, "model.loss fosd_weight needs a distributional head (atoms > 1)")
         features = critic.encoder(batch["observation"])
@@ -107,7 +109,7 @@ class CQNLoss:
         data_logits = at_bins(logits, codes)  # [B, L, D, A]
         reward = batch["next", "reward"].reshape(-1).to(logits.dtype)
         discount = self.gamma * (1.0 - batch["next", "terminated"].reshape(-1).to(logits.dtype))
-        target = self._target(critic, batch["next", "observation"], reward, discount)  # [B, L, D, A]
+        target, clipped = self._target(critic, batch["next", "observation"], reward, discount)  # [B, L, D, A]
         if head.atoms == 1:
             per_position = (data_logits - target).pow(2).squeeze(-1)  # [B, L, D]
         else:
@@ -122,18 +124,23 @@ class CQNLoss:
         q_data = head.expected_q(data_logits)
         target_q = target.squeeze(-1) if head.atoms == 1 else (target * head.support).sum(-1)
         return {"loss": loss, "loss_td": loss_td.detach(), "loss_fosd": loss_fosd.detach(),
-                "loss_margin": loss_margin.detach(), "q": q_data.detach().mean(), "target": target_q.mean()}
+                "loss_margin": loss_margin.detach(), "q": q_data.detach().mean(), "target": target_q.mean(),
+                "target_clipped": clipped}
 
     @torch.no_grad()
-    def _target(self, critic: CQNCritic, next_obs, reward: Tensor, discount: Tensor) -> Tensor:
-        """Double-Q target per (level, dim): online greedy ``a'*``, target head's distribution at ``a'*`` (§6.4)."""
+    def _target(self, critic: CQNCritic, next_obs, reward: Tensor, discount: Tensor) -> tuple[Tensor, Tensor]:
+        """Double-Q target per (level, dim): online greedy ``a'*``, target head's distribution at ``a'*`` (§6.4);
+        and the share of expected targets outside the support (0 without atoms)."""
         features = critic.encoder(next_obs)
         best = critic.greedy_codes(features)  # online networks choose
         logits = critic.logits(features, best, target=True)
         chosen = at_bins(logits, best)  # [B, L, D, A]
         if critic.head.atoms == 1:
-            return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen
-        return c51_projection(chosen.softmax(-1), reward, discount, critic.head.support)
+            return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen, torch.zeros((), device=reward.device)
+        support = critic.head.support
+        expected = reward.view(-1, 1, 1) + discount.view(-1, 1, 1) * (chosen.softmax(-1) * support).sum(-1)
+        clipped = ((expected < support[0]) | (expected > support[-1])).to(reward.dtype).mean()
+        return c51_projection(chosen.softmax(-1), reward, discount, support), clipped
 
     def _demo_terms(self, logits: Tensor, q: Tensor, codes: Tensor, batch: TensorDictBase,
                     valid: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ Evaluation episodes are the validation / test "batches": each item is an episode
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator
 
@@ -194,14 +195,18 @@ class OnlineDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     @torch.no_grad()
-    def evaluate_episode(self, critic, episode: int) -> tuple[float, int]:
-        """Run one deterministic episode with ``critic`` acting; returns (undiscounted return, length)."""
+    def evaluate_episode(self, critic, episode: int) -> tuple[float, int, float]:
+        """Run one deterministic episode with ``critic`` acting; returns (undiscounted return, length, success).
+
+        ``success`` is 1.0 when the env reported ``success`` at any step, 0.0 when it never did, and NaN for envs that
+        do not report success."""
         if self._eval_env is None:
             self._eval_env = self.make_env(self.hparams.eval_seed)
         self._eval_env.set_seed(self.hparams.eval_seed + episode)
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             rollout = self._eval_env.rollout(self.hparams.eval_max_steps, make_actor(critic), break_when_any_done=True)
-        return float(rollout["next", "reward"].sum()), rollout.numel()
+        success = float(rollout["next", "success"].any()) if ("next", "success") in rollout.keys(True) else math.nan
+        return float(rollout["next", "reward"].sum()), rollout.numel(), success
 
     # --- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ dataset) and the demo buffer's data (a window of transitions ordered by their ep
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,31 @@ def episode_returns(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
     rewards = data["next", "reward"].reshape(-1).double()
     totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, rewards)
     return totals[inverse], totals
+
+
+def returns_to_go(data: TensorDict, gamma: float) -> torch.Tensor:
+    """Discounted return-to-go of every row ``[T]`` within its episode (rows of an episode in file order; the last row
+    of an episode does not bootstrap, whatever ended it)."""
+    rewards = data["next", "reward"].reshape(-1).double().tolist()
+    episodes = data["episode"].reshape(-1).tolist()
+    out, running = [0.0] * len(rewards), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        continues = t + 1 < len(rewards) and episodes[t + 1] == episodes[t]
+        running = rewards[t] + (gamma * running if continues else 0.0)
+        out[t] = running
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def auto_reward_scale(data: TensorDict, gamma: float) -> float:
+    """``1 / max_t |G_t|`` over the dataset's discounted returns-to-go: rewards times this give values of about unit
+    size whatever the reward's units (a sparse 0/1 success reward keeps scale 1). A dataset whose rewards are all zero
+    has no value scale: it keeps scale 1, with a warning."""
+    largest = float(returns_to_go(data, gamma).abs().max())
+    if largest == 0:
+        warnings.warn("reward_scale auto: every reward in the dataset is zero, so rewards keep scale 1",
+                      stacklevel=2)
+        return 1.0
+    return 1.0 / largest
 
 
 def demo_window(num_rows: int, percentile: float, ratio: float) -> tuple[int, int]:

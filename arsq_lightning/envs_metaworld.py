@@ -13,7 +13,8 @@ Observations (``observation`` entry):
 
 Reward (ALGORITHM.md §5.1, as RLBench): ``sparse`` is exactly 1.0 on the step that succeeds and 0.0 otherwise, and
 success terminates the episode, so an episode's return is its success (the success rate is the mean return);
-``dense`` is Meta-World's shaped reward (success still terminates unless ``terminate_on_success`` is false). Every
+``dense`` is Meta-World's shaped reward, and success does not end the episode unless ``terminate_on_success`` is
+true (the default ``None`` terminates on success with the sparse reward only). Every
 step also reports a boolean ``success``. Episodes are truncated after ``max_episode_steps`` (Meta-World: 500).
 
 Rendering is MuJoCo's offscreen OpenGL on the CPU through its own GL context: ``MUJOCO_GL`` picks it (``egl``, the
@@ -82,14 +83,20 @@ def observation_shapes(observation: str = "state", cameras: Sequence[str] = DEFA
 
 def env_spec_of(name: str, *, observation: str = "state", cameras: Sequence[str] = DEFAULT_CAMERAS,
                 image_size: int = 84, include_state: bool = False, reward: str = "sparse",
-                terminate_on_success: bool = True, **_ignored) -> EnvSpec:
+                terminate_on_success: bool | None = None, **_ignored) -> EnvSpec:
     """Sizes of ``metaworld:<name>`` (fixed for every v3 task: nothing is built or rendered); ``_ignored`` takes the
     env options that do not change them (``max_episode_steps``, ``fast_render``)."""
     _check(name, observation, cameras, image_size, reward)
     shapes = observation_shapes(observation, cameras, image_size, include_state)
     obs_dim = STATE_DIM if shapes is None else nested_obs_dim(shapes)
     return EnvSpec(obs_dim=obs_dim, action_low=[-1.0] * ACTION_DIM, action_high=[1.0] * ACTION_DIM,
-                   observation_shapes=shapes, success_reward=reward == "sparse" and terminate_on_success)
+                   observation_shapes=shapes,
+                   success_reward=reward == "sparse" and terminates_on_success(reward, terminate_on_success))
+
+
+def terminates_on_success(reward: str, terminate_on_success: bool | None) -> bool:
+    """Whether success ends the episode: as given, or by default with the sparse reward only."""
+    return reward == "sparse" if terminate_on_success is None else terminate_on_success
 
 
 def missing_dataset_hint(name: str, path: str, *, observation: str = "state",
@@ -199,14 +206,15 @@ class MetaWorldEnv(EnvBase):
         image_size: frame height = width.
         include_state: add the 39-d state under ``observation/state`` in pixel mode.
         reward: ``sparse`` (1 on success, else 0) or ``dense`` (Meta-World's shaped reward).
-        terminate_on_success: end the episode (``terminated``) on the first success.
+        terminate_on_success: end the episode (``terminated``) on the first success (``None``: with the sparse reward
+            only).
         fast_render: no shadows, reflections or multisampling.
     """
 
     def __init__(self, name: str, *, seed: int = 0, max_episode_steps: int | None = None,
                  observation: Literal["state", "pixels"] = "state", cameras: Sequence[str] = DEFAULT_CAMERAS,
                  image_size: int = 84, include_state: bool = False, reward: Literal["sparse", "dense"] = "sparse",
-                 terminate_on_success: bool = True, fast_render: bool = True):
+                 terminate_on_success: bool | None = None, fast_render: bool = True):
         _check(name, observation, cameras, image_size, reward)
         require(max_episode_steps is None or max_episode_steps >= 1,
                 f"metaworld max_episode_steps must be >= 1, got {max_episode_steps}")
@@ -221,7 +229,8 @@ class MetaWorldEnv(EnvBase):
         env.max_path_length = max_episode_steps or env.max_path_length
         self.task, self.sim = name, env
         self.observation_mode, self.cameras, self.image_size = observation, tuple(cameras), image_size
-        self.include_state, self.reward_mode, self.terminate_on_success = include_state, reward, terminate_on_success
+        self.include_state, self.reward_mode = include_state, reward
+        self.terminate_on_success = terminates_on_success(reward, terminate_on_success)
         self.max_episode_steps = env.max_path_length
         self.raw_observation: np.ndarray | None = None  # the last 39-d state (for scripted policies)
         self.renderer = (MultiCameraRenderer(env.model, cameras, image_size, fast=fast_render)

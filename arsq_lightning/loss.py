@@ -74,6 +74,9 @@ class ARSQLoss:
         cql_temperature: ``cql_temp`` of the ``cql`` variant.
         demo_reduction: see :func:`conservative_penalty`.
         demo_key: batch key of the demo flag; a batch without it has no demos.
+        target_bounds: ``(low, high)``: TD targets are clamped to this range (``None``: not clamped). With rewards
+            normalised to unit values (``data.reward_scale auto``) true values stay within about ``[-2, 2]``, and the
+            bound stops soft-max backups from inflating values beyond what any policy can reach.
 
     The batch is a TensorDict in TorchRL's layout: ``observation``, ``action``, ``("next", "observation")``,
     ``("next", "reward")``, ``("next", "terminated")`` and optionally ``demo``.
@@ -83,7 +86,8 @@ class ARSQLoss:
 
     def __init__(self, *, gamma: float = 0.99, td_weight: float = 1.0, conservative: Conservative = "none",
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
-                 cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo"):
+                 cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo",
+                 target_bounds: tuple[float, float] | None = None):
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
         require(cql_temperature > 0, f"cql_temperature must be positive, got {cql_temperature}")
         require(clip_min <= clip_max, f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
@@ -92,6 +96,9 @@ class ARSQLoss:
         self.gamma, self.td_weight, self.conservative = gamma, td_weight, conservative
         self.conservative_weight, self.clip_min, self.clip_max = conservative_weight, clip_min, clip_max
         self.cql_temperature, self.demo_reduction, self.demo_key = cql_temperature, demo_reduction, demo_key
+        require(target_bounds is None or (len(target_bounds) == 2 and target_bounds[0] < target_bounds[1]),
+                f"target_bounds must be [low, high] with low < high, got {target_bounds}")
+        self.target_bounds = None if target_bounds is None else (float(target_bounds[0]), float(target_bounds[1]))
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -99,11 +106,16 @@ class ARSQLoss:
 
     def __call__(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
         """Returns ``loss`` (to minimise) and detached diagnostics ``loss_td``, ``loss_conservative``, ``q``,
-        ``target``."""
+        ``target`` and, with ``target_bounds``, ``target_clipped`` (the share of targets the bounds clamp)."""
         q, adv, codes = critic.evaluate(batch["observation"], batch["action"])
         reward = batch["next", "reward"].reshape(-1).to(q.dtype)
         not_terminal = 1.0 - batch["next", "terminated"].reshape(-1).to(q.dtype)
         target = reward + self.gamma * not_terminal * critic.target_value(batch["next", "observation"])
+        extra = {}
+        if self.target_bounds is not None:
+            low, high = self.target_bounds
+            extra["target_clipped"] = ((target < low) | (target > high)).to(q.dtype).mean()
+            target = target.clamp(low, high)
         loss_td = self.td_weight * (q - target).pow(2).mean(-1).sum()
         loss_conservative = torch.zeros((), device=q.device)
         disc = critic.discretizer
@@ -114,4 +126,5 @@ class ARSQLoss:
                                            valid=None if disc.uniform_grid else disc.bin_mask)
             loss_conservative = self.conservative_weight * penalty.sum()
         return {"loss": loss_td + loss_conservative, "loss_td": loss_td.detach(),
-                "loss_conservative": loss_conservative.detach(), "q": q.detach().mean(), "target": target.mean()}
+                "loss_conservative": loss_conservative.detach(), "q": q.detach().mean(), "target": target.mean(),
+                **extra}

@@ -86,7 +86,7 @@ class ARSQModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.tau = tau
         self.register_buffer("grad_updates", torch.zeros((), dtype=torch.long))
-        self._eval_results: list[tuple[float, float, float]] = []
+        self._eval_results: list[tuple[float, float, float, float]] = []  # (episode, return, length, success)
         self.last_eval_step = -1
         self.best_score = float("-inf")
         self._clock: tuple[float, int, int] | None = None
@@ -150,8 +150,8 @@ class ARSQModule(L.LightningModule):
 
     # --- evaluation (validation / test loops run one deterministic episode per item) -------------------------------
     def validation_step(self, episode: int, batch_idx: int) -> None:
-        episode_return, length = self.trainer.datamodule.evaluate_episode(self.critic, int(episode))
-        self._eval_results.append((float(episode), episode_return, float(length)))
+        episode_return, length, success = self.trainer.datamodule.evaluate_episode(self.critic, int(episode))
+        self._eval_results.append((float(episode), episode_return, float(length), success))
 
     def test_step(self, episode: int, batch_idx: int) -> None:
         self.validation_step(episode, batch_idx)
@@ -164,13 +164,12 @@ class ARSQModule(L.LightningModule):
 
     def _log_eval(self, prefix: str) -> None:
         rows = max(len(self._eval_results), getattr(self.trainer.datamodule.hparams, "eval_episodes", 1))
-        padding = [(-1.0, 0.0, 0.0)] * (rows - len(self._eval_results))  # all ranks gather equal shapes
+        padding = [(-1.0, 0.0, 0.0, 0.0)] * (rows - len(self._eval_results))  # all ranks gather equal shapes
         local = torch.tensor(self._eval_results + padding, dtype=torch.float64, device=self.device)
         self._eval_results = []
-        gathered = self.all_gather(local).reshape(-1, 3)  # every rank's (episode, return, length)
-        by_episode = {int(e): (r, n) for e, r, n in gathered.tolist() if e >= 0}  # the sampler may repeat episodes
-        returns = torch.tensor([r for r, _ in by_episode.values()], dtype=torch.float64)
-        lengths = torch.tensor([n for _, n in by_episode.values()], dtype=torch.float64)
+        gathered = self.all_gather(local).reshape(-1, 4)  # every rank's (episode, return, length, success)
+        by_episode = {int(e): rest for e, *rest in gathered.tolist() if e >= 0}  # the sampler may repeat episodes
+        returns, lengths, successes = torch.tensor(list(by_episode.values()), dtype=torch.float64).unbind(-1)
         data = self.trainer.datamodule
         frames = float(getattr(data, "frames", 0))
         score = data.normalized_score(float(returns.mean())) if hasattr(data, "normalized_score") else None
@@ -184,6 +183,8 @@ class ARSQModule(L.LightningModule):
                        f"{prefix}/episodes": float(returns.numel()), f"{prefix}/env_frames": frames},
                       prog_bar=False, batch_size=1)  # identical on every rank after the gather
         self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, logger=False)
-        if self.hparams.env_spec.success_reward:  # return 1 = success (sparse reward, episode ends on success)
+        if not successes.isnan().any():  # the env reports success (e.g. Meta-World, whatever its reward)
+            self.log(f"{prefix}/success_rate", successes.mean().float(), prog_bar=True, batch_size=1)
+        elif self.hparams.env_spec.success_reward:  # return 1 = success (sparse reward, episode ends on success)
             self.log(f"{prefix}/success_rate", (returns > 0.5).double().mean().float(), prog_bar=True, batch_size=1)
         self.last_eval_step = self.trainer.global_step

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from arsq_lightning.data import TRANSITION_KEYS, OnlineDataModule
 from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari
-from arsq_lightning.demos import DemoSplit, split_demos
+from arsq_lightning.demos import DemoSplit, auto_reward_scale, split_demos
 from arsq_lightning.envs import dataset_hint
 from arsq_lightning.errors import require
 
@@ -40,7 +41,11 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         dataset: a D4RL-layout ``.hdf5`` path (``~`` expanded), or ``minari:<dataset id>`` for a local Minari store.
         minari_root: the Minari store for ``minari:`` datasets (default ``$MINARI_DATASETS_PATH``).
         demo_percentile, demo_ratio: demo window over return-sorted transitions (official: 0 and 100 = all).
-        reward_scale, reward_bias: ``r * scale + bias`` for dataset and online rewards.
+        reward_scale, reward_bias: ``r * scale + bias`` for dataset and online rewards. ``auto`` (default) takes
+            ``1 / max |G|`` over the dataset's discounted returns-to-go ``G`` (discount ``value_gamma``), so values
+            are of unit size and ``soft_alpha`` and the conservative clips mean the same on every task; a number
+            fixes it (the official D4RL configs: 1). Evaluation returns stay in the env's units.
+        value_gamma: the discount of ``reward_scale: auto`` (use the loss's ``gamma``).
         clip_action: dataset actions are clipped to this fraction of the half-range around the centre (0.99999).
         drop_timeouts: drop dataset transitions that end by time-out (official).
         demo_fraction: share of every batch drawn from the demo buffer (official 0.5).
@@ -53,8 +58,9 @@ class OfflineToOnlineDataModule(OnlineDataModule):
     """
 
     def __init__(self, env_id: str = "Hopper-v5", *, dataset: str = "", minari_root: str | None = None,
-                 demo_percentile: float = 0.0, demo_ratio: float = 100.0, reward_scale: float = 1.0,
-                 reward_bias: float = 0.0, clip_action: float = 0.99999, drop_timeouts: bool = True,
+                 demo_percentile: float = 0.0, demo_ratio: float = 100.0,
+                 reward_scale: float | Literal["auto"] = "auto", value_gamma: float = 0.99, reward_bias: float = 0.0,
+                 clip_action: float = 0.99999, drop_timeouts: bool = True,
                  demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,
                  trajectories_per_round: int = 0, relabel: bool = False, demo_buffer_factor: float = 2.0,
                  seed: int = 0, max_episode_steps: int | None = None, env_kwargs: dict | None = None,
@@ -72,16 +78,27 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         require(pretrain_steps >= 0, f"data.pretrain_steps must be >= 0, got {pretrain_steps}")
         require(trajectories_per_round >= 0, f"data.trajectories_per_round must be >= 0, got {trajectories_per_round}")
         require(demo_buffer_factor >= 1.0, f"data.demo_buffer_factor must be >= 1, got {demo_buffer_factor}")
+        require(reward_scale == "auto" or (isinstance(reward_scale, (int, float)) and reward_scale > 0),
+                f"data.reward_scale must be 'auto' or a positive number, got {reward_scale!r}")
+        require(0.0 <= value_gamma < 1.0, f"data.value_gamma must lie in [0, 1), got {value_gamma}")
         self.save_hyperparameters()
         self.demo_batch = round(batch_size * demo_fraction)
-        self.split: DemoSplit = split_demos(self.load_dataset(), demo_percentile=demo_percentile,
-                                            demo_ratio=demo_ratio, reward_scale=reward_scale,
+        dataset = self.load_dataset()
+        self.reward_scale = auto_reward_scale(dataset, value_gamma) if reward_scale == "auto" else float(reward_scale)
+        self.split: DemoSplit = split_demos(dataset, demo_percentile=demo_percentile,
+                                            demo_ratio=demo_ratio, reward_scale=self.reward_scale,
                                             reward_bias=reward_bias, drop_timeouts=drop_timeouts)
         self.demo_buffer = None
         self._round_frames = 0  # online frames whose updates are due (all frames unless trajectories_per_round > 0)
         self._open_episode: list[TensorDictBase] = []  # rows of the online episode in progress (for relabelling)
         self._episodes_in_round = 0
         self.relabelled_episodes = 0
+
+    def setup(self, stage: str) -> None:
+        """As :meth:`OnlineDataModule.setup`; also records the reward scale in use (``data/reward_scale``)."""
+        super().setup(stage)
+        if self.trainer is not None and self.trainer.logger is not None:
+            self.trainer.logger.log_hyperparams({"data/reward_scale": self.reward_scale})
 
     # --- data -----------------------------------------------------------------------------------------------------
     def load_dataset(self) -> TensorDict:
@@ -149,7 +166,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
     def store(self, batch: TensorDictBase) -> None:
         """Scale rewards, flag ``demo = False``, add to the RL buffer; close rounds and relabel finished episodes."""
         rows = batch.select(*TRANSITION_KEYS).clone()
-        rows["next", "reward"] = rows["next", "reward"] * self.hparams.reward_scale + self.hparams.reward_bias
+        rows["next", "reward"] = rows["next", "reward"] * self.reward_scale + self.hparams.reward_bias
         rows["demo"] = torch.zeros(rows.numel(), dtype=torch.bool)
         self.buffer.extend(rows)
         ends = torch.nonzero(rows["next", "done"].reshape(-1)).reshape(-1).tolist()

@@ -5,7 +5,15 @@ Episode ``k`` resets the task with seed ``--seed + k`` (its goal and object posi
 39-d state, and optional noise makes it suboptimal: Gaussian noise of std ``--noise`` on every action (then clipped to
 [-1, 1]) and/or, with probability ``--epsilon``, a uniformly random action. ``--only-success`` keeps the successful
 episodes only (and runs episodes until ``--episodes`` successes or ``--max-tries``). Rewards, termination and time
-limit are those of the project's env (``metaworld:<task>``, sparse reward 1 on success by default).
+limit are those of the project's env (``metaworld:<task>``, sparse reward 1 on success by default; with
+``--reward dense`` Meta-World's shaped reward, and an episode does not end on success).
+
+Mixed-quality datasets: several ``--noise`` levels share the expert episodes equally (episode ``k`` uses level
+``k mod n``) and ``--random-episodes R`` of the ``--episodes`` are uniformly random (spread evenly through the file),
+e.g. the benchmark's files (docs/benchmark.md)::
+
+    python scripts/make_demos.py --task push-v3 --episodes 120 --random-episodes 20 --noise 0.1 0.3 0.5 0.8 1.2 \
+        --reward dense --max-episode-steps 150 --seed 100 --out datasets/metaworld/push-v3_mixed.hdf5
 
     python scripts/make_demos.py --task reach-v3 --episodes 100 --out demos/metaworld/reach-v3.hdf5
     python scripts/make_demos.py --task drawer-close-v3 --episodes 100 --noise 0.3 --max-episode-steps 150 \
@@ -14,7 +22,9 @@ limit are those of the project's env (``metaworld:<task>``, sparse reward 1 on s
         --out demos/metaworld/reach-v3_pixels.hdf5
 
 State files are plain D4RL layout (``observations``, ``actions``, ``next_observations``, ``rewards``,
-``terminals``, ``timeouts``) plus ``metadata/*`` (source, task, noise, number of episodes, success rate, returns).
+``terminals``, ``timeouts``), ``infos/success`` (the env's success flag per row) and ``metadata/*``: source, task,
+noise levels, episodes, the data's success rate and mean return, per episode its return, success and noise
+(``episode_noise``: -1 for a random episode), and the random episodes' mean return and success rate.
 Pixel files store the nested observation as HDF5 groups ``observations/pixels`` (uint8 ``[T, V, 3k, H, W]`` for
 ``--frame-stack k``, gzip), ``observations/proprio`` (and ``observations/state``), without ``next_observations`` (the
 next row's observation is the next observation; terminal rows need none), which ``read_d4rl_hdf5`` must learn to
@@ -82,15 +92,27 @@ def env_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def rollouts(args: argparse.Namespace) -> tuple[TensorDict, list[float], list[bool], int]:
-    """Run episodes; returns (kept transitions with an ``episode`` id, kept returns, success of every episode run,
-    episodes run)."""
+def episode_noise(args: argparse.Namespace, k: int) -> float:
+    """The noise std of episode ``k`` (-1: uniformly random actions): the ``R`` random episodes are spread evenly
+    through the ``E`` episodes (``k`` is random when ``floor((k + 1) R / E)`` steps up), the others cycle through the
+    noise levels."""
+    random_before = k * args.random_episodes // args.episodes
+    if (k + 1) * args.random_episodes // args.episodes > random_before:
+        return -1.0
+    return args.noise[(k - random_before) % len(args.noise)]
+
+
+def rollouts(args: argparse.Namespace) -> tuple[TensorDict, dict[str, list], list[bool], int]:
+    """Run episodes; returns (kept transitions with an ``episode`` id, per kept episode its ``returns``,
+    ``successes`` and ``noise``, success of every episode run, episodes run)."""
     env = make_env(f"metaworld:{args.task}", seed=args.seed, **env_kwargs(args))
-    expert = NoisyExpert(args.task, env, args.noise, args.epsilon, np.random.default_rng(args.seed))
-    kept, returns, successes = [], [], []
+    expert = NoisyExpert(args.task, env, 0.0, args.epsilon, np.random.default_rng(args.seed))
+    kept, stats, successes = [], {"returns": [], "successes": [], "noise": []}, []
     tries = 0
     while len(kept) < args.episodes and tries < max(args.max_tries, args.episodes):
         env.set_seed(args.seed + tries)
+        noise = episode_noise(args, tries)
+        expert.noise, expert.epsilon = (0.0, 1.0) if noise < 0 else (noise, args.epsilon)
         episode = env.rollout(env.base_env.max_episode_steps, expert, break_when_any_done=True)
         tries += 1
         success = bool(episode["next", "success"].any())
@@ -98,13 +120,15 @@ def rollouts(args: argparse.Namespace) -> tuple[TensorDict, list[float], list[bo
         if success or not args.only_success:
             episode["episode"] = torch.full((episode.numel(),), len(kept), dtype=torch.long)
             kept.append(episode)
-            returns.append(float(episode["next", "reward"].sum()))
+            for key, value in (("returns", float(episode["next", "reward"].sum())), ("successes", success),
+                               ("noise", noise)):
+                stats[key].append(value)
         if not args.only_success and tries >= args.episodes:
             break
     env.close()
     if not kept:
         raise SystemExit(f"make_demos: no successful episode in {tries} tries of {args.task}")
-    return torch.cat(kept), returns, successes, tries
+    return torch.cat(kept), stats, successes, tries
 
 
 def write_nested_hdf5(path: Path, data: TensorDict, metadata: dict) -> None:
@@ -125,22 +149,39 @@ def write_nested_hdf5(path: Path, data: TensorDict, metadata: dict) -> None:
             f[f"metadata/{key}"] = value
 
 
+def write_success(path: Path, success: np.ndarray) -> None:
+    """Add the env's per-row success flag as ``infos/success`` (D4RL files keep extra per-row data under infos/)."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f["infos/success"] = success
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    data, returns, successes, tries = rollouts(args)
-    meta = {"source": f"{SOURCE}, noise={args.noise}, epsilon={args.epsilon}", "env_id": f"metaworld:{args.task}",
-            "task": args.task, "noise": args.noise, "epsilon": args.epsilon, "seed": args.seed,
+    data, stats, successes, tries = rollouts(args)
+    returns = stats["returns"]
+    meta = {"source": f"{SOURCE}, noise={args.noise}, epsilon={args.epsilon}, random episodes={args.random_episodes}",
+            "env_id": f"metaworld:{args.task}", "task": args.task, "noise": np.asarray(args.noise),
+            "epsilon": args.epsilon, "seed": args.seed, "reward": args.reward,
             "only_success": args.only_success, "episodes": len(returns), "episodes_run": tries,
             "success_rate": float(np.mean(successes)), "mean_return": float(np.mean(returns)),
-            "returns": np.asarray(returns), "env_kwargs": json.dumps(env_kwargs(args))}
+            "data_success_rate": float(np.mean(stats["successes"])), "returns": np.asarray(returns),
+            "episode_success": np.asarray(stats["successes"]), "episode_noise": np.asarray(stats["noise"]),
+            "env_kwargs": json.dumps(env_kwargs(args))}
+    random = np.asarray(stats["noise"]) < 0
+    if random.any():
+        meta["random_mean_return"] = float(np.asarray(returns)[random].mean())
+        meta["random_success_rate"] = float(np.asarray(stats["successes"])[random].mean())
     out = Path(os.path.expanduser(args.out))
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.observation == "state":
         write_d4rl_hdf5(out, data, metadata=meta)
     else:
         write_nested_hdf5(out, data, meta)
+    write_success(out, data["next", "success"].reshape(-1).numpy())
     lengths = torch.bincount(data["episode"]).float()
     print(f"make_demos: {args.task} {len(returns)} episodes ({tries} run, success rate {meta['success_rate']:.2f}), "
           f"{data.numel()} transitions, mean length {lengths.mean():.1f}, mean return {meta['mean_return']:.3f}, "
@@ -154,7 +195,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", required=True, help="Meta-World task, e.g. reach-v3")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--out", required=True, help="output .hdf5 path")
-    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian action noise")
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.0],
+                        help="std of Gaussian action noise; several values share the expert episodes equally")
+    parser.add_argument("--random-episodes", type=int, default=0,
+                        help="how many of --episodes take uniformly random actions (spread evenly)")
     parser.add_argument("--epsilon", type=float, default=0.0, help="probability of a uniformly random action")
     parser.add_argument("--only-success", action="store_true", help="keep successful episodes only")
     parser.add_argument("--max-tries", type=int, default=0, help="episode cap with --only-success (default 3x)")
@@ -169,8 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_tries == 0:
         args.max_tries = 3 * args.episodes if args.only_success else args.episodes
-    if args.episodes < 1 or args.noise < 0 or not 0 <= args.epsilon <= 1:
+    if args.episodes < 1 or min(args.noise) < 0 or not 0 <= args.epsilon <= 1:
         parser.error("--episodes must be >= 1, --noise >= 0 and --epsilon in [0, 1]")
+    if not 0 <= args.random_episodes <= args.episodes or (args.random_episodes and args.only_success):
+        parser.error("--random-episodes must lie in [0, --episodes] and cannot go with --only-success")
     return args
 
 

@@ -246,3 +246,23 @@ def test_demo_terms_use_demo_samples_only():
     torch.testing.assert_close(out["loss_margin"], alone["loss_margin"])
     none = loss(critic, batch(critic, demo=[False] * 8))
     assert float(none["loss_fosd"]) == 0.0 and float(none["loss_margin"]) == 0.0
+
+
+def test_targets_outside_the_support_are_counted():
+    """``target_clipped`` is the share of (sample, level, dim) whose expected target ``r + discount * E[Z']`` lies
+    outside ``[v_min, v_max]`` = [-5, 5] (checked here one entry at a time)."""
+    critic = make()
+    data = batch(critic)
+    data["next", "reward"] = torch.tensor([-9.0, -5.5, -1.0, 0.0, 0.5, 4.0, 5.2, 30.0]).unsqueeze(-1)
+    out = CQNLoss(gamma=0.9)(critic, data)
+    with torch.no_grad():
+        best = critic.greedy_codes(data["next", "observation"])
+        next_q = critic.head.expected_q(critic.logits(data["next", "observation"], best, target=True))
+        next_q = next_q.gather(-1, best.unsqueeze(-1)).squeeze(-1)  # [B, L, D]
+    outside = 0
+    for i in range(8):
+        discount = 0.0 if data["next", "terminated"][i] else 0.9
+        for value in next_q[i].flatten().tolist():
+            outside += not -5.0 <= float(data["next", "reward"][i]) + discount * value <= 5.0
+    assert 0 < outside < next_q.numel()
+    assert float(out["target_clipped"]) == pytest.approx(outside / next_q.numel())

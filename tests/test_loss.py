@@ -263,3 +263,29 @@ def test_demo_reductions_relate_by_demo_count():
 def test_loss_rejects_bad_configuration(kwargs):
     with pytest.raises(ConfigError):
         ARSQLoss(**kwargs)
+
+
+def test_target_bounds_clamp_the_td_target():
+    """With ``target_bounds`` the TD term regresses Q on ``clamp(r + gamma (1 - d) min_k V̄_k(s'), low, high)``,
+    computed here per sample; ``target_clipped`` is the share of clamped targets."""
+    torch.manual_seed(3)
+    critic = make_critic()
+    data = make_batch(critic, size=16)
+    data["next", "reward"] = torch.linspace(-3.0, 3.0, 16).unsqueeze(-1)
+    out = ARSQLoss(gamma=0.9, target_bounds=(-1.0, 1.5))(critic, data)
+    with torch.no_grad():
+        q, _, _ = critic.evaluate(data["observation"], data["action"])
+        next_v = critic.target_head.value(critic.encoder(data["next", "observation"]))  # [C, B]
+    expected_td, clipped = torch.zeros(()), 0
+    for i in range(16):
+        raw = float(data["next", "reward"][i]) + (0.0 if data["next", "terminated"][i] else 0.9) * float(
+            next_v[:, i].min())
+        clipped += not -1.0 <= raw <= 1.5
+        expected_td += sum((q[k, i] - min(max(raw, -1.0), 1.5)) ** 2 for k in range(q.shape[0])) / 16
+    assert 0 < clipped < 16
+    torch.testing.assert_close(out["loss_td"], expected_td, rtol=1e-5, atol=1e-6)
+    assert float(out["target_clipped"]) == clipped / 16
+    unbounded = ARSQLoss(gamma=0.9)(critic, data)
+    assert "target_clipped" not in unbounded and not torch.allclose(unbounded["loss_td"], out["loss_td"])
+    with pytest.raises(ConfigError, match="target_bounds"):
+        ARSQLoss(target_bounds=(1.0, -1.0))

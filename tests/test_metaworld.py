@@ -15,7 +15,7 @@ from arsq_lightning import make_env, read_d4rl_hdf5
 from arsq_lightning.cli import build_cli
 from arsq_lightning.datasets import check_against_env
 from arsq_lightning.envs import env_spec_of
-from helpers import REPO, TINY, use_tmp_mlflow
+from helpers import REPO, TINY, only_run, use_tmp_mlflow
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_demos  # noqa: E402
@@ -59,20 +59,33 @@ def test_state_env_spec_matches_a_real_step():
 
 def test_sparse_reward_is_one_exactly_on_success_and_ends_the_episode():
     env = make_env(REACH, seed=0, max_episode_steps=200)
+    lengths = []
     for seed in (0, 1):
         distance: list[float] = []
         episode = _expert_episode(env, seed, distances=distance)
         reward = episode["next", "reward"].reshape(-1)
+        lengths.append(len(reward))
         assert reward[-1] == 1.0 and torch.all(reward[:-1] == 0.0) and len(reward) < 200
         assert distance[-1] <= REACH_SUCCESS_DISTANCE and min(distance[:-1]) > REACH_SUCCESS_DISTANCE
         assert episode["next", "terminated"][-1].item() and not episode["next", "truncated"].any()
         assert episode["next", "success"].reshape(-1).tolist() == [False] * (len(reward) - 1) + [True]
-    dense = make_env(REACH, seed=0, max_episode_steps=200, reward="dense")
-    shaped = _expert_episode(dense, 0)
-    assert shaped.numel() == episode.numel() or shaped["next", "terminated"][-1].item()
-    assert 0.0 < float(shaped["next", "reward"][0]) < 10.0 and shaped["next", "success"][-1].item()
     env.close()
-    dense.close()
+
+
+def test_dense_reward_is_shaped_and_success_ends_the_episode_only_when_asked():
+    sparse = make_env(REACH, seed=0, max_episode_steps=200)
+    success_step = _expert_episode(sparse, 0).numel()  # the step on which the expert succeeds (seed 0)
+    dense = make_env(REACH, seed=0, max_episode_steps=200, reward="dense")
+    shaped = _expert_episode(dense, 0)  # the default: success does not end a dense episode
+    assert shaped.numel() == 200 and not shaped["next", "terminated"].any() and shaped["next", "truncated"][-1]
+    first_success = int(shaped["next", "success"].reshape(-1).float().argmax()) + 1
+    assert first_success == success_step and 0.0 < float(shaped["next", "reward"][0]) < 10.0
+    ending = make_env(REACH, seed=0, max_episode_steps=200, reward="dense", terminate_on_success=True)
+    ended = _expert_episode(ending, 0)
+    assert ended.numel() == success_step and ended["next", "terminated"][-1].item()
+    torch.testing.assert_close(ended["next", "reward"], shaped["next", "reward"][:success_step])
+    for env in (sparse, dense, ending):
+        env.close()
 
 
 def test_seeded_resets_are_reproducible_and_seeds_differ():
@@ -212,3 +225,67 @@ def test_missing_demos_file_says_how_to_make_it(monkeypatch, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arsq: error:")]
     assert len(err) == 1 and "no such file" in err[0]
     assert "python scripts/make_demos.py --task reach-v3" in err[0] and "--out demos/none.hdf5" in err[0]
+
+
+def test_make_demos_mixes_noise_levels_and_random_episodes(tmp_path):
+    """A mixed-quality file: the noise levels share the expert episodes, the random ones are spread evenly, the dense
+    reward does not end episodes on success, and the metadata and ``infos/success`` agree with the rows."""
+    out = tmp_path / "mixed.hdf5"
+    meta = make_demos.main(["--task", "reach-v3", "--episodes", "6", "--random-episodes", "2", "--noise", "0.1", "0.5",
+                            "--reward", "dense", "--max-episode-steps", "100", "--out", str(out)])
+    assert meta["episode_noise"].tolist() == [0.1, 0.5, -1.0, 0.1, 0.5, -1.0]
+    data = read_d4rl_hdf5(out)
+    assert not data["next", "terminated"].any() and data.numel() == 6 * 100 and data["next", "truncated"].sum() == 6
+    with h5py.File(out, "r") as f:
+        success = torch.as_tensor(f["infos/success"][()])
+        returns, episode_success = f["metadata/returns"][()], f["metadata/episode_success"][()]
+        assert len(success) == 6 * 100
+        assert episode_success.tolist() == success.view(6, 100).any(1).tolist()
+        assert f["metadata/random_mean_return"][()] == pytest.approx(returns[[2, 5]].mean())
+        assert f["metadata/data_success_rate"][()] == pytest.approx(episode_success.mean())
+    assert episode_success[[0, 1]].all() and returns[[0, 1]].min() > returns[[2, 5]].max()  # expert beats random
+
+
+class _ScriptedCritic(torch.nn.Module):
+    """Stands in for a critic when acting: the task's scripted expert (``expert``) or a zero action."""
+
+    def __init__(self, expert: bool):
+        super().__init__()
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.discretizer = torch.nn.Module()
+        self.discretizer.register_buffer("low", torch.zeros(4))
+        self.policy = ENV_POLICY_MAP["reach-v3"]() if expert else None
+
+    def act(self, obs, *, deterministic: bool, generator=None):
+        if self.policy is None:
+            return torch.zeros(obs.shape[0], 4)
+        return torch.stack([torch.as_tensor(self.policy.get_action(o.numpy()), dtype=torch.float32).clamp(-1, 1)
+                            for o in obs])
+
+
+def test_evaluation_reports_success_with_the_dense_reward(tmp_path):
+    """With the dense reward success neither ends the episode nor equals the return, and the evaluation still reports
+    it: 1 for the scripted expert, 0 for a policy that never moves."""
+    from arsq_lightning import OnlineDataModule
+
+    data = OnlineDataModule(REACH, env_kwargs={"reward": "dense"}, max_episode_steps=60, eval_episodes=2)
+    assert not data.env_spec.success_reward
+    expert_return, length, expert_success = data.evaluate_episode(_ScriptedCritic(expert=True), 0)
+    still_return, still_length, still_success = data.evaluate_episode(_ScriptedCritic(expert=False), 0)
+    assert (expert_success, still_success) == (1.0, 0.0)
+    assert length == still_length == 60 and expert_return > still_return > 0  # dense: no termination on success
+    data.teardown("fit")
+
+
+def test_dense_reward_fit_logs_the_success_rate(monkeypatch, tmp_path):
+    demos = tmp_path / "dense.hdf5"
+    make_demos.main(["--task", "reach-v3", "--episodes", "2", "--noise", "0.2", "--reward", "dense",
+                     "--max-episode-steps", "30", "--out", str(demos)])
+    uri = use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["fit", "--config", str(REPO / "configs" / "metaworld" / "from_dataset.yaml"), *TINY,
+                     "--data.dataset", str(demos), "--data.pretrain_steps", "10"])
+    client, run = only_run(uri)
+    history = client.get_metric_history(run.info.run_id, "eval/success_rate")
+    assert len(history) >= 2 and all(0.0 <= m.value <= 1.0 for m in history)
+    assert cli.trainer.callback_metrics["eval/return_mean"].item() > 1.0  # dense returns, not successes

@@ -3,6 +3,8 @@ rounds of trajectories, and relabelling (ALGORITHM.md §4.1-§4.2, §8.4)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,9 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
-from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule
+from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule, read_d4rl_hdf5, write_d4rl_hdf5
 from arsq_lightning.cli import build_cli
+from arsq_lightning.demos import auto_reward_scale, returns_to_go
 from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
+
+sys.path.insert(0, str(REPO / "scripts"))
 
 HOPPER_MR = REPO / "configs" / "d4rl" / "hopper_medium_replay.yaml"
 
@@ -24,7 +29,7 @@ def hopper_file(tmp_path_factory):
 
 def _attach(data: OfflineToOnlineDataModule, rank: int = 0) -> OfflineToOnlineDataModule:
     data.trainer = SimpleNamespace(global_rank=rank, world_size=1, lightning_module=ARSQModule(data.env_spec),
-                                   state=SimpleNamespace(fn="fit"))
+                                   state=SimpleNamespace(fn="fit"), logger=None)
     data.setup("fit")
     return data
 
@@ -56,6 +61,8 @@ def test_dataset_must_match_the_env(hopper_file):
         OfflineToOnlineDataModule("HalfCheetah-v5", dataset=str(hopper_file))
     with pytest.raises(ConfigError, match="data.dataset is empty"):
         OfflineToOnlineDataModule("Hopper-v5")
+    with pytest.raises(ConfigError, match="reward_scale must be 'auto' or a positive number, got -1.0"):
+        OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), reward_scale=-1.0)
 
 
 class _Recorder(Callback):
@@ -152,3 +159,42 @@ def test_cli_fails_fast_on_a_corrupt_dataset_and_leaves_it_untouched(monkeypatch
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(corrupt) in err.splitlines()[0]
     assert corrupt.read_bytes() == before
+
+
+def _fit_weights(config: Path, dataset: Path, *extra: str) -> dict[str, torch.Tensor]:
+    cli = build_cli(["--config", str(config), *TINY, "--data.dataset", str(dataset), "--data.online", "false",
+                     "--trainer.max_steps", "12", *extra], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return {k: v.clone() for k, v in cli.model.critic.state_dict().items()}
+
+
+def test_rescaled_rewards_train_the_default_recipe_identically(monkeypatch, tmp_path):
+    """``reward_scale: auto`` divides rewards by the dataset's largest discounted return-to-go, so the same data
+    with rewards x8 (a power of two: exact in floating point) trains bit-identical weights; a fixed scale does not."""
+    import make_demos
+
+    dense = tmp_path / "dense.hdf5"
+    make_demos.main(["--task", "reach-v3", "--episodes", "2", "--noise", "0.3", "--reward", "dense",
+                     "--max-episode-steps", "40", "--out", str(dense)])
+    data = read_d4rl_hdf5(dense)
+    data["next", "reward"] = data["next", "reward"] * 8
+    scaled = tmp_path / "dense_x8.hdf5"
+    write_d4rl_hdf5(scaled, data)
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = REPO / "configs" / "metaworld" / "from_dataset.yaml"
+    first, second = _fit_weights(config, dense), _fit_weights(config, scaled)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    fixed = _fit_weights(config, scaled, "--data.reward_scale", "1.0")
+    assert not all(torch.equal(first[k], fixed[k]) for k in first)
+
+
+def test_auto_reward_scale_is_one_over_the_largest_discounted_return():
+    episodes = torch.tensor([0, 0, 0, 1, 1])
+    rewards = torch.tensor([1.0, -2.0, 4.0, 3.0, 3.0])
+    data = TensorDict({"episode": episodes, "next": {"reward": rewards.unsqueeze(-1)}}, batch_size=[5])
+    expected = [1 - 0.5 * 2 + 0.25 * 4, -2 + 0.5 * 4, 4.0, 3 + 0.5 * 3, 3.0]
+    assert returns_to_go(data, 0.5).tolist() == expected
+    assert auto_reward_scale(data, 0.5) == 1 / 4.5
+    silent = TensorDict({"episode": episodes, "next": {"reward": torch.zeros(5, 1)}}, batch_size=[5])
+    with pytest.warns(UserWarning, match="every reward in the dataset is zero"):
+        assert auto_reward_scale(silent, 0.5) == 1.0
