@@ -137,10 +137,10 @@ class CQNLoss:
         chosen = at_bins(logits, best)  # [B, L, D, A]
         if critic.head.atoms == 1:
             return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen, torch.zeros((), device=reward.device)
-        support = critic.head.support
-        expected = reward.view(-1, 1, 1) + discount.view(-1, 1, 1) * (chosen.softmax(-1) * support).sum(-1)
+        support, probs = critic.head.support, chosen.softmax(-1)
+        expected = reward.view(-1, 1, 1) + discount.view(-1, 1, 1) * (probs * support).sum(-1)
         clipped = ((expected < support[0]) | (expected > support[-1])).to(reward.dtype).mean()
-        return c51_projection(chosen.softmax(-1), reward, discount, support), clipped
+        return c51_projection(probs, reward, discount, support), clipped
 
     def _demo_terms(self, logits: Tensor, q: Tensor, codes: Tensor, batch: TensorDictBase,
                     valid: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -128,8 +128,9 @@ def table(args: argparse.Namespace, results: dict) -> str:
         head += [f"{method} success (pretrain end)", f"{method} success (final)", f"{method} final return",
                  f"{method} seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    stats = {task: dataset_stats(dataset_path(args, task)) for task in args.tasks}
     for task in args.tasks:
-        data = dataset_stats(dataset_path(args, task))
+        data = stats[task]
         cells = [task, f"{data['success']:.2f}", f"{data['return']:.0f}", f"{data['random_return']:.0f}"]
         for method in args.methods:
             runs = results[task, method]
@@ -137,7 +138,7 @@ def table(args: argparse.Namespace, results: dict) -> str:
                       for key, decimals in (("pretrain_success", 2), ("final_success", 2), ("final_return", 0))]
             cells.append(str(len(runs)))
         lines.append("| " + " | ".join(cells) + " |")
-    averages = ["mean", f"{np.mean([dataset_stats(dataset_path(args, t))['success'] for t in args.tasks]):.2f}", "", ""]
+    averages = ["mean", f"{np.mean([stats[t]['success'] for t in args.tasks]):.2f}", "", ""]
     for method in args.methods:
         per_task = [[np.mean([r[key] for r in results[t, method]]) for t in args.tasks if results[t, method]]
                     for key in ("pretrain_success", "final_success")]
