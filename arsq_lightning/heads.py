@@ -53,11 +53,14 @@ class AutoregressiveHead(nn.Module):
         out_gain: orthogonal-init gain of the output layers (official: 0.01).
         groups: dims decided together within a level: ``-1`` (one group per dim, ARSQ), a number ``g`` of contiguous
             groups of near-equal size, or explicit groups ``[[0, 2], [1]]`` (a partition of the dims, in decision order).
+        layer_norm: LayerNorm before every hidden activation of the value and advantage MLPs (the official networks
+            have none; CQN's have it).
     """
 
     def __init__(self, feature_dim: int, action_dim: int, levels: int, bins: int, *,
                  hidden_dims: Sequence[int] = (512, 512, 512), activation: str = "tanh", qchunk: int = -1,
-                 num_critics: int = 2, out_gain: float = 0.01, groups: int | Sequence[Sequence[int]] = -1):
+                 num_critics: int = 2, out_gain: float = 0.01, groups: int | Sequence[Sequence[int]] = -1,
+                 layer_norm: bool = False):
         super().__init__()
         self.groups = dim_groups(action_dim, groups)
         order = torch.empty(action_dim, dtype=torch.long)
@@ -74,9 +77,9 @@ class AutoregressiveHead(nn.Module):
         self.action_dim, self.bins, self.num_critics = action_dim, bins, num_critics
         self.num_positions, self.chunk, self.num_chunks = positions, chunk, positions // chunk
         members = num_critics * self.num_chunks  # member e = critic * num_chunks + chunk
-        self.value_trunk = EnsembleMLP(num_critics, feature_dim, hidden_dims, activation)
+        self.value_trunk = EnsembleMLP(num_critics, feature_dim, hidden_dims, activation, layer_norm)
         self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], 1, gain=out_gain)
-        self.adv_trunk = EnsembleMLP(members, feature_dim + action_dim, hidden_dims, activation)
+        self.adv_trunk = EnsembleMLP(members, feature_dim + action_dim, hidden_dims, activation, layer_norm)
         flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * bins), out_gain)  # one [H, S*K] per member
         self.adv_weight = nn.Parameter(flat.view(members, -1, chunk, bins).transpose(1, 2).contiguous())  # [E, S, H, K]
         self.adv_bias = nn.Parameter(torch.zeros(members, chunk, bins))  # [E, S, K]
@@ -112,7 +115,7 @@ class AutoregressiveHead(nn.Module):
         chunks = []
         for c in range(self.num_chunks):
             members = slice(c, None, self.num_chunks)
-            chunks.append({"first": first_part[members], "cond_weight": first.weight[members, self.feature_dim:],
+            chunks.append({"members": members, "first": first_part[members], "cond_weight": first.weight[members, self.feature_dim:],
                            "hidden": [(layer.bias[members], layer.weight[members])
                                       for layer in self.adv_trunk.layers[1:]],
                            "out": [(self.adv_bias[members, slot].unsqueeze(1), self.adv_weight[members, slot])
@@ -127,9 +130,10 @@ class AutoregressiveHead(nn.Module):
         cache = self.acting_cache(features) if cache is None else cache
         chunk_index, slot = divmod(position, self.chunk)
         weights = cache["chunks"][chunk_index]
-        act = self.adv_trunk.act
-        x = act(torch.baddbmm(weights["first"], cond.expand(self.num_critics, *cond.shape), weights["cond_weight"]))
-        for bias, weight in weights["hidden"]:
-            x = act(torch.baddbmm(bias, x, weight))
+        trunk, members = self.adv_trunk, weights["members"]
+        x = trunk.activate(0, torch.baddbmm(weights["first"], cond.expand(self.num_critics, *cond.shape),
+                                            weights["cond_weight"]), members)
+        for index, (bias, weight) in enumerate(weights["hidden"], start=1):
+            x = trunk.activate(index, torch.baddbmm(bias, x, weight), members)
         out_bias, out_weight = weights["out"][slot]
         return torch.baddbmm(out_bias, x, out_weight)

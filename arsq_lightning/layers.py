@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from arsq_lightning.errors import require
 
@@ -53,23 +54,39 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleMLP(nn.Module):
-    """A stack of :class:`EnsembleLinear` layers, each followed by the activation: ``[E, M, in] -> [E, M, H]``.
+    """A stack of :class:`EnsembleLinear` layers, each followed by an optional LayerNorm and the activation:
+    ``[E, M, in] -> [E, M, H]``.
 
     Args:
         members: ``E``.
         in_features: input width.
         hidden_dims: widths of the hidden layers (at least one).
         activation: one of ``tanh``, ``relu``, ``silu``, ``elu``.
+        layer_norm: normalise every hidden layer's pre-activation over its width, with a learned per-member scale
+            and shift (as CQN's critic; it bounds how far values can extrapolate away from the data).
     """
 
-    def __init__(self, members: int, in_features: int, hidden_dims: Sequence[int], activation: str = "tanh"):
+    def __init__(self, members: int, in_features: int, hidden_dims: Sequence[int], activation: str = "tanh",
+                 layer_norm: bool = False):
         super().__init__()
         widths = [in_features, *hidden_dims]
         self.layers = nn.ModuleList(EnsembleLinear(members, i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(members, 1, w)) for w in hidden_dims) \
+            if layer_norm else None
+        self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(members, 1, w)) for w in hidden_dims) \
+            if layer_norm else None
         self.act = activation_module(activation)
         self.out_features = widths[-1]
 
+    def activate(self, index: int, x: Tensor, members: slice = slice(None)) -> Tensor:
+        """Hidden layer ``index``'s LayerNorm (if any) and activation of its pre-activation ``x`` ``[E', M, H]``,
+        ``members`` selecting the ``E'`` members whose norm parameters apply."""
+        if self.norm_weights is not None:
+            x = torch.addcmul(self.norm_biases[index][members], F.layer_norm(x, x.shape[-1:]),
+                              self.norm_weights[index][members])
+        return self.act(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = self.act(layer(x))
+        for index, layer in enumerate(self.layers):
+            x = self.activate(index, layer(x))
         return x

@@ -14,6 +14,7 @@ from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.encoders import FlattenEncoder, MLPEncoder
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.heads import AutoregressiveHead
+from arsq_lightning.layers import EnsembleMLP
 
 OBS_DIM = 4
 
@@ -29,12 +30,12 @@ def jitter_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
 def make_critic(action_dim: int = 2, levels: int = 2, bins: int = 3, *, qchunk: int = -1, num_critics: int = 2,
                 soft_alpha: float = 0.1, act_alpha: float | None = None, act_network: str = "online",
                 bounds: tuple[list[float], list[float]] | None = None, out_gain: float = 1.0, encoder: str = "flat",
-                hidden: tuple[int, ...] = (16, 16), jitter: bool = True) -> ARSQCritic:
+                hidden: tuple[int, ...] = (16, 16), jitter: bool = True, layer_norm: bool = False) -> ARSQCritic:
     """A tiny critic with random weights; the output layers use ``out_gain`` 1.0 so logits are not tiny."""
     low, high = bounds if bounds is not None else ([-1.0] * action_dim, [1.0] * action_dim)
     disc = CoarseToFineDiscretizer(low, high, levels=levels, bins=bins)
     head = AutoregressiveHead(OBS_DIM if encoder == "flat" else 8, action_dim, levels, bins, hidden_dims=hidden,
-                              qchunk=qchunk, num_critics=num_critics, out_gain=out_gain)
+                              qchunk=qchunk, num_critics=num_critics, out_gain=out_gain, layer_norm=layer_norm)
     if jitter:
         jitter_(head)
     enc = FlattenEncoder(OBS_DIM) if encoder == "flat" else MLPEncoder(OBS_DIM, hidden_dims=(8,))
@@ -162,12 +163,33 @@ def test_position_logits_depend_only_on_earlier_positions(action_dim, levels, bi
             assert bool(differs.all()), f"changing position {j} should change every later position"
 
 
+def test_layer_norm_ensemble_equals_each_member_as_a_torch_mlp():
+    """Every member of a LayerNorm ensemble computes ``tanh(LayerNorm(Linear(x)))`` per layer with its own weights
+    and norm parameters, as the same layers built from ``torch.nn`` do."""
+    torch.manual_seed(0)
+    ensemble = jitter_(EnsembleMLP(3, 5, (7, 4), "tanh", layer_norm=True))
+    x = torch.randn(3, 6, 5)
+    for member in range(3):
+        layers = []
+        for index, linear in enumerate(ensemble.layers):
+            width_in, width_out = linear.weight.shape[1:]
+            torch_linear, norm = torch.nn.Linear(width_in, width_out), torch.nn.LayerNorm(width_out)
+            with torch.no_grad():
+                torch_linear.weight.copy_(linear.weight[member].T)
+                torch_linear.bias.copy_(linear.bias[member, 0])
+                norm.weight.copy_(ensemble.norm_weights[index][member, 0])
+                norm.bias.copy_(ensemble.norm_biases[index][member, 0])
+            layers += [torch_linear, norm, torch.nn.Tanh()]
+        expected = torch.nn.Sequential(*layers)(x[member])
+        torch.testing.assert_close(ensemble(x)[member], expected, atol=1e-5, rtol=1e-5)
+
+
 # --- §3.4 acting ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qchunk", [-1, 1, 3])
-def test_position_logits_equal_teacher_forced_slots(qchunk):
+@pytest.mark.parametrize("qchunk,layer_norm", [(-1, False), (1, False), (3, False), (-1, True), (3, True)])
+def test_position_logits_equal_teacher_forced_slots(qchunk, layer_norm):
     """§3.2: the acting path (one position per call) reads the same slot as the batched teacher-forced call."""
-    critic = make_critic(3, 2, 5, qchunk=qchunk, bounds=([0.0, -1.0, -3.0], [3.0, 1.0, 1.0]))
+    critic = make_critic(3, 2, 5, qchunk=qchunk, bounds=([0.0, -1.0, -3.0], [3.0, 1.0, 1.0]), layer_norm=layer_norm)
     obs = torch.randn(6, OBS_DIM)
     action = critic.act(obs, deterministic=True)
     codes = critic.discretizer.encode(action)
