@@ -3,22 +3,22 @@
 The building blocks compose in user code; see the README's "Compose your own" section.
 """
 
-from arsq_lightning.cqn_critic import CQNCritic
-from arsq_lightning.cqn_head import CQNHead
-from arsq_lightning.cqn_loss import CQNLoss, c51_projection
-from arsq_lightning.critic import ARSQCritic, soft_advantages
-from arsq_lightning.data import CollectAndSample, OnlineDataModule
+from arsq_lightning.algos.arsq.critic import ARSQCritic, soft_advantages
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.algos.arsq.loss import ARSQLoss, conservative_penalty
+from arsq_lightning.algos.cqn.critic import CQNCritic
+from arsq_lightning.algos.cqn.head import CQNHead
+from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection
+from arsq_lightning.data.d4rl import DemoSplit, normalized_score, split_demos
+from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari, write_d4rl_hdf5
+from arsq_lightning.data.offline import OfflineToOnlineDataModule
+from arsq_lightning.data.online import CollectAndSample, OnlineDataModule
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer, QuantileDiscretizer
-from arsq_lightning.augment import RandomShift, random_shift
-from arsq_lightning.encoders import DrQEncoder, FlattenEncoder, MLPEncoder, MultiViewCNNEncoder
-from arsq_lightning.envs import EnvSpec, env_spec_of, make_env, stack_frames
+from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env, stack_frames
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead
-from arsq_lightning.loss import ARSQLoss, conservative_penalty
-from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari, write_d4rl_hdf5
-from arsq_lightning.demos import DemoSplit, normalized_score, split_demos
 from arsq_lightning.module import ARSQModule
-from arsq_lightning.offline_data import OfflineToOnlineDataModule
+from arsq_lightning.nets.augment import RandomShift, random_shift
+from arsq_lightning.nets.encoders import DrQEncoder, FlattenEncoder, MLPEncoder, MultiViewCNNEncoder
 from arsq_lightning.policy import ARSQActor, make_actor
 
 __version__ = "0.1.0"

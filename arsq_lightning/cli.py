@@ -20,10 +20,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from arsq_lightning.data import OnlineDataModule
+from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
+from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.module import ARSQModule
-from arsq_lightning.offline_data import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

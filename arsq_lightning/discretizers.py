@@ -47,7 +47,7 @@ class Discretizer(nn.Module):
     """Interface shared by discretizers: continuous actions <-> integer codes ``[..., L, D]``.
 
     Subclasses set ``levels``, ``bins`` and ``action_dim`` and implement every method below; acting
-    (:meth:`ARSQCritic.act <arsq_lightning.critic.ARSQCritic.act>`) zooms in through ``prefix * bins + bin`` and
+    (:meth:`ARSQCritic.act <arsq_lightning.algos.arsq.critic.ARSQCritic.act>`) zooms in through ``prefix * bins + bin`` and
     :meth:`midpoint`, and maps the final unit-space midpoints to the env with :meth:`from_unit`.
     """
 
@@ -135,10 +135,6 @@ class CoarseToFineDiscretizer(Discretizer):
         self.uniform_grid = bool(valid.all())
         # depth[l, d, d'] = how many levels of dim d' are decided before position (l, d) (level-major order, §2.3).
         self.register_buffer("depth", decision_depth(self.levels, torch.arange(self.action_dim)))  # [L, D, D]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "powers", None)  # a derived buffer that checkpoints before 0.2 stored
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- affine map between env bounds and the unit box ---------------------------------------------------------
     def to_unit(self, action: Tensor) -> Tensor:

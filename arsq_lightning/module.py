@@ -19,15 +19,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 
-from arsq_lightning.cqn_critic import CQNCritic
-from arsq_lightning.cqn_loss import CQNLoss
-from arsq_lightning.critic import ARSQCritic
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.algos.arsq.loss import ARSQLoss
+from arsq_lightning.algos.cqn.critic import CQNCritic
+from arsq_lightning.algos.cqn.loss import CQNLoss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
-from arsq_lightning.encoders import FlattenEncoder
-from arsq_lightning.envs import EnvSpec
+from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead
-from arsq_lightning.loss import ARSQLoss
+from arsq_lightning.nets.encoders import FlattenEncoder
 
 EncoderFactory = Callable[[int], nn.Module]
 DiscretizerFactory = Callable[[list, list], Discretizer]

@@ -1,4 +1,4 @@
-"""A TorchRL-compatible actor over an :class:`~arsq_lightning.critic.ARSQCritic`.
+"""A TorchRL-compatible actor over an :class:`~arsq_lightning.algos.arsq.critic.ARSQCritic`.
 
 The collector and the evaluation rollouts call it with TensorDicts. It samples from the Boltzmann policy when
 TorchRL's exploration type is ``RANDOM`` (what collectors set) and takes the argmax otherwise (e.g. under
@@ -13,8 +13,8 @@ from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.envs.utils import ExplorationType, exploration_type
 
-from arsq_lightning.augment import augmentation_disabled
-from arsq_lightning.critic import ARSQCritic
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.nets.augment import augmentation_disabled
 
 
 class ARSQActor(nn.Module):

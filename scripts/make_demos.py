@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -45,11 +44,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from arsq_lightning.datasets import write_d4rl_hdf5  # noqa: E402
-from arsq_lightning.envs import make_env  # noqa: E402
+from arsq_lightning.data.datasets import write_d4rl_hdf5
+from arsq_lightning.envs.core import make_env
 
 SOURCE = "Meta-World scripted expert (metaworld.policies)"
 # The experts' own gains trigger this warning; their actions are clipped to [-1, 1] anyway.

@@ -4,17 +4,17 @@ acting with random tie-breaking, re-quantised Gaussian exploration, double-Q tar
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 from tensordict import TensorDict
 
-import reference
-from arsq_lightning.cqn_critic import CQNCritic
-from arsq_lightning.cqn_head import CQNHead
-from arsq_lightning.cqn_loss import CQNLoss, c51_projection, fosd_penalty, margin_penalty
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.algos.cqn.critic import CQNCritic
+from arsq_lightning.algos.cqn.head import CQNHead
+from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection, fosd_penalty, margin_penalty
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
-from arsq_lightning.encoders import FlattenEncoder
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead
+from arsq_lightning.nets.encoders import FlattenEncoder
 
 OBS = 4
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import reference
 import torch
 
-import reference
-from arsq_lightning.critic import ARSQCritic, soft_advantages
+from arsq_lightning.algos.arsq.critic import ARSQCritic, soft_advantages
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
-from arsq_lightning.encoders import FlattenEncoder, MLPEncoder
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead
-from arsq_lightning.layers import EnsembleMLP
+from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
+from arsq_lightning.nets.layers import EnsembleMLP
 
 OBS_DIM = 4
 

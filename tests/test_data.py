@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tensordict import TensorDict
+from torchrl.data import LazyTensorStorage, ReplayBuffer
 
 from arsq_lightning import ARSQModule, ConfigError, OnlineDataModule
 
@@ -57,7 +59,7 @@ def test_checkpoint_holds_only_the_filled_part_of_the_buffer():
     fresh.load_state_dict(state)
     assert len(fresh.buffer) == filled  # replaced, not appended to what the fresh collector had stored
     assert torch.equal(fresh.buffer.storage[:filled]["observation"], data.buffer.storage[:filled]["observation"])
-    assert fresh.frames >= data.frames  # counters restored (plus what the fresh collector had already stepped)
+    assert fresh.frames == data.frames and fresh.updates_done == data.updates_done  # counters restored
 
 
 def test_other_ranks_do_not_take_rank_zero_buffer_on_resume():
@@ -69,8 +71,10 @@ def test_other_ranks_do_not_take_rank_zero_buffer_on_resume():
     rank1.load_state_dict(state)
     assert rank1._pending_buffer_state is None
     assert rank1.frames == state["frames"] and rank1.updates_done == state["updates_done"]
-    rank1.buffer = SimpleNamespace(__len__=lambda: 0)  # nothing collected yet on this rank
-    assert rank1.updates_owed() <= 0  # it warms up on its own data first
+    # a full batch in the buffer, but no frame collected by this rank since the resume: it owes no update yet
+    rank1.buffer = ReplayBuffer(storage=LazyTensorStorage(500))
+    rank1.buffer.extend(TensorDict({"observation": torch.zeros(8, 3)}, batch_size=[8]))
+    assert rank1.updates_owed() == 0  # it warms up on its own data first
 
 
 def test_buffer_smaller_than_batch_is_rejected():

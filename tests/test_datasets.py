@@ -7,7 +7,6 @@ in termination or in an 18-step time limit).
 from __future__ import annotations
 
 import hashlib
-import os
 
 import h5py
 import numpy as np
@@ -16,8 +15,8 @@ import torch
 from tensordict import TensorDict
 
 from arsq_lightning import ConfigError, env_spec_of, make_env
-from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari, write_d4rl_hdf5
-from arsq_lightning.demos import D4RL_REFERENCE_RETURNS, demo_window, normalized_score, split_demos
+from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, demo_window, normalized_score, split_demos
+from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari, write_d4rl_hdf5
 
 
 @pytest.fixture(scope="module")

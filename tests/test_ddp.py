@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import QUICKSTART, REPO, TINY, only_run
 
 

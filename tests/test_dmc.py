@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, use_tmp_mlflow
 from torchrl.envs.utils import check_env_specs
 
-import arsq_lightning.envs_dmc  # noqa: F401 (sets MUJOCO_GL=egl before dm_control is imported below)
+import arsq_lightning.envs.dmc  # noqa: F401 (sets MUJOCO_GL=egl before dm_control is imported below)
 from arsq_lightning.cli import build_cli
-from arsq_lightning.encoders import DrQEncoder
-from arsq_lightning.envs import env_spec_of, make_env
+from arsq_lightning.envs.core import env_spec_of, make_env
 from arsq_lightning.errors import ConfigError
-from helpers import REPO, use_tmp_mlflow
+from arsq_lightning.nets.encoders import DrQEncoder
 
 PIXELS = REPO / "configs" / "dmc" / "cheetah_run_pixels.yaml"
 

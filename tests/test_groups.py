@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 
-from arsq_lightning.critic import ARSQCritic, soft_advantages
+from arsq_lightning.algos.arsq.critic import ARSQCritic, soft_advantages
+from arsq_lightning.algos.arsq.head import AutoregressiveHead, dim_groups
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
-from arsq_lightning.encoders import FlattenEncoder
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead, dim_groups
+from arsq_lightning.nets.encoders import FlattenEncoder
 
 OBS = 4
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import QUICKSTART, use_tmp_mlflow
 
 from arsq_lightning.cli import build_cli
-from helpers import QUICKSTART, use_tmp_mlflow
 
 SHORT_RUN = ["--trainer.max_steps", "3000", "--trainer.val_check_interval", "3000",
              "--trainer.log_every_n_steps", "500", "--trainer.enable_progress_bar", "false",

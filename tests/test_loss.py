@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 from tensordict import TensorDict
 
-import reference
-from arsq_lightning.critic import ARSQCritic
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
-from arsq_lightning.encoders import FlattenEncoder, MLPEncoder
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead
-from arsq_lightning.loss import ARSQLoss
+from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
 
 OBS_DIM = 4
 CLIP_MIN, CLIP_MAX = -0.05, 0.2  # small enough that both ends of the clip are hit with out_gain 1.0 logits

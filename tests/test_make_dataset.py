@@ -6,9 +6,9 @@ import sys
 
 import h5py
 import pytest
+from helpers import REPO, use_tmp_mlflow
 
 from arsq_lightning import read_d4rl_hdf5, read_minari
-from helpers import REPO, use_tmp_mlflow
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_dataset  # noqa: E402

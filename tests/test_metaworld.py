@@ -9,13 +9,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, TINY, only_run, use_tmp_mlflow
 from torchrl.envs.utils import check_env_specs
 
 from arsq_lightning import make_env, read_d4rl_hdf5
 from arsq_lightning.cli import build_cli
-from arsq_lightning.datasets import check_against_env
-from arsq_lightning.envs import env_spec_of
-from helpers import REPO, TINY, only_run, use_tmp_mlflow
+from arsq_lightning.data.datasets import check_against_env
+from arsq_lightning.envs.core import env_spec_of
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_demos  # noqa: E402
@@ -203,7 +203,7 @@ def test_fit_loads_the_demos_into_the_demo_buffer(monkeypatch, tmp_path):
 
 
 def test_missing_dataset_hint_is_a_valid_make_demos_command():
-    from arsq_lightning.envs_metaworld import missing_dataset_hint
+    from arsq_lightning.envs.metaworld import missing_dataset_hint
 
     hint = missing_dataset_hint("reach-v3", "demos/r.hdf5", observation="pixels", cameras=["corner2"], image_size=64,
                                 frame_stack=3, max_episode_steps=150)

@@ -27,8 +27,14 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from arsq_lightning import (ARSQCritic, ARSQLoss, AutoregressiveHead, CoarseToFineDiscretizer, FlattenEncoder,
-                            conservative_penalty)
+from arsq_lightning import (
+    ARSQCritic,
+    ARSQLoss,
+    AutoregressiveHead,
+    CoarseToFineDiscretizer,
+    FlattenEncoder,
+    conservative_penalty,
+)
 
 OBS_DIM, LEVELS, HIDDEN = 5, 2, (16, 16)
 LOGIT_SCALE = 1.5  # std of the random output layers, so that advantages spread over a few units and clips bite

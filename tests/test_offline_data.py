@@ -9,13 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
 from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
 from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule, read_d4rl_hdf5, write_d4rl_hdf5
 from arsq_lightning.cli import build_cli
-from arsq_lightning.demos import auto_reward_scale, returns_to_go
-from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
+from arsq_lightning.data.d4rl import auto_reward_scale, returns_to_go
 
 sys.path.insert(0, str(REPO / "scripts"))
 

@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict
 
 from arsq_lightning import ARSQCritic, ARSQLoss, AutoregressiveHead, CoarseToFineDiscretizer, CQNCritic, CQNHead
-from arsq_lightning.encoders import FlattenEncoder
+from arsq_lightning.nets.encoders import FlattenEncoder
 
 OBS = 4
 

@@ -9,15 +9,15 @@ from tensordict import TensorDict
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
-from arsq_lightning.augment import RandomShift, augmentation_disabled, random_shift
-from arsq_lightning.critic import ARSQCritic
-from arsq_lightning.data import TRANSITION_KEYS
-from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, write_d4rl_hdf5
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, write_d4rl_hdf5
+from arsq_lightning.data.online import TRANSITION_KEYS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
-from arsq_lightning.encoders import DrQEncoder, MultiViewCNNEncoder, ViewLayerNorm
-from arsq_lightning.envs import env_spec_of, make_env, stack_frames
+from arsq_lightning.envs.core import env_spec_of, make_env, stack_frames
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.heads import AutoregressiveHead
+from arsq_lightning.nets.augment import RandomShift, augmentation_disabled, random_shift
+from arsq_lightning.nets.encoders import DrQEncoder, MultiViewCNNEncoder, ViewLayerNorm
 from arsq_lightning.policy import make_actor
 
 TINY = {"channels": (4, 8), "strides": (2, 2)}
@@ -243,7 +243,7 @@ def test_nested_hdf5_round_trip_keeps_uint8_and_checks_shapes(tmp_path):
 
 def test_pixel_demos_feed_the_offline_to_online_buffers_as_uint8(tmp_path):
     """A nested pixel dataset goes through the offline data module (demo split, both buffers, mixed batches)."""
-    from arsq_lightning.offline_data import OfflineToOnlineDataModule
+    from arsq_lightning.data.offline import OfflineToOnlineDataModule
 
     kwargs = {**PIXEL_KWARGS, "frame_stack": 2}
     env = make_env("dmc:cheetah-run", seed=0, max_episode_steps=10, **kwargs)

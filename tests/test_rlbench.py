@@ -16,19 +16,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, use_tmp_mlflow
 from PIL import Image
 from torchrl.envs import Compose, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.utils import check_env_specs
 
 from arsq_lightning.cli import ArsqCLI, build_cli, main
-from arsq_lightning.datasets import read_d4rl_hdf5, write_d4rl_hdf5
-from arsq_lightning.envs import env_spec_of, frame_stack_transforms, make_env
-from arsq_lightning.envs_rlbench import (CAMERAS, EPISODE_LENGTHS, RLBenchEnv, demo_action_bounds,
-                                         default_action_bounds, from_unit, resolve_action_bounds, rlbench_env_spec,
-                                         to_unit)
+from arsq_lightning.data.datasets import read_d4rl_hdf5, write_d4rl_hdf5
+from arsq_lightning.data.rlbench_demos import load_episode, read_rlbench_demos
+from arsq_lightning.data.rlbench_demos import main as convert_main
+from arsq_lightning.envs.core import env_spec_of, frame_stack_transforms, make_env
+from arsq_lightning.envs.rlbench import (
+    CAMERAS,
+    EPISODE_LENGTHS,
+    RLBenchEnv,
+    default_action_bounds,
+    demo_action_bounds,
+    from_unit,
+    resolve_action_bounds,
+    rlbench_env_spec,
+    to_unit,
+)
 from arsq_lightning.errors import ConfigError
-from arsq_lightning.rlbench_demos import load_episode, main as convert_main, read_rlbench_demos
-from helpers import REPO, use_tmp_mlflow
 
 RLBENCH_CONFIGS = sorted((REPO / "configs" / "rlbench").glob("*.yaml"))
 PAPER_TASKS = {  # §5.2: the 20 CQN tasks plus reach_target and slide_block_to_target

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from arsq_lightning.discretizers import Discretizer
 from arsq_lightning.errors import require
 
-
 _COMPILED_DECODE = None
 
 
@@ -43,7 +42,7 @@ class ARSQCritic(nn.Module):
     Args:
         encoder: ``obs [B, ...] -> features [B, F]``, with an ``out_dim`` attribute.
         discretizer: maps env actions to codes ``[B, L, D]`` and builds conditioning vectors.
-        head: e.g. :class:`~arsq_lightning.heads.AutoregressiveHead`, with ``value`` / ``advantage_logits`` /
+        head: e.g. :class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead`, with ``value`` / ``advantage_logits`` /
             ``position_logits``.
 
     Keyword Args:

@@ -1,7 +1,7 @@
 """Learning from a dataset, then online: demo buffer + RL buffer, exact mixing, two phases in one ``fit``
 (ALGORITHM.md §4.1-§4.2).
 
-* The dataset (D4RL HDF5 file or local Minari dataset) is split by :func:`~arsq_lightning.demos.split_demos`: the RL
+* The dataset (D4RL HDF5 file or local Minari dataset) is split by :func:`~arsq_lightning.data.d4rl.split_demos`: the RL
   buffer gets the whole dataset (``demo = False``; the last, highest-return rows if it exceeds ``buffer_size``), the
   demo buffer the demo window (``demo = True``).
 * Every batch holds exactly ``round(batch_size * demo_fraction)`` demo-buffer rows, the rest from the RL buffer.
@@ -22,10 +22,10 @@ from typing import Literal
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from arsq_lightning.data import TRANSITION_KEYS, OnlineDataModule
-from arsq_lightning.datasets import check_against_env, read_d4rl_hdf5, read_minari
-from arsq_lightning.demos import DemoSplit, auto_reward_scale, split_demos
-from arsq_lightning.envs import dataset_hint
+from arsq_lightning.data.d4rl import DemoSplit, auto_reward_scale, split_demos
+from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari
+from arsq_lightning.data.online import TRANSITION_KEYS, OnlineDataModule
+from arsq_lightning.envs.core import dataset_hint
 from arsq_lightning.errors import require
 
 STORED_KEYS = (*TRANSITION_KEYS, "demo")
@@ -102,7 +102,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
 
     # --- data -----------------------------------------------------------------------------------------------------
     def load_dataset(self) -> TensorDict:
-        """Read and check the configured dataset (TED layout, see :mod:`arsq_lightning.datasets`)."""
+        """Read and check the configured dataset (TED layout, see :mod:`arsq_lightning.data.datasets`)."""
         name = self.hparams.dataset
         if name.startswith("minari:"):
             data, source = read_minari(name.removeprefix("minari:"), root=self.hparams.minari_root), name

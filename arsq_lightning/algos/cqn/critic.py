@@ -1,4 +1,4 @@
-"""The CQN baseline's critic: encoder + discretizer + :class:`~arsq_lightning.cqn_head.CQNHead` + target copy
+"""The CQN baseline's critic: encoder + discretizer + :class:`~arsq_lightning.algos.cqn.head.CQNHead` + target copy
 (ALGORITHM.md §6.3, §6.4).
 
 Acting goes level by level: expected Q per (dim, bin), an independent argmax per dim (a uniformly random bin where
@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from arsq_lightning.cqn_head import CQNHead
+from arsq_lightning.algos.cqn.head import CQNHead
 from arsq_lightning.discretizers import Discretizer
 from arsq_lightning.errors import require
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from arsq_lightning.envs import EnvSpec
+from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.errors import ConfigError
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals")  # + "timeouts" (v2 files), "next_observations"

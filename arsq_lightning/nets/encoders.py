@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 
-from arsq_lightning.augment import RandomShift
 from arsq_lightning.errors import require
-from arsq_lightning.layers import activation_module
+from arsq_lightning.nets.augment import RandomShift
+from arsq_lightning.nets.layers import activation_module
 
 
 class FlattenEncoder(nn.Module):
@@ -115,7 +115,7 @@ class MultiViewCNNEncoder(nn.Module):
     ``[B, out_dim]``:
 
     1. random shift of every (sample, view) image by up to ``augment_pad`` pixels in training
-       (:mod:`arsq_lightning.augment`), then ``pixels / 255 - 0.5``;
+       (:mod:`arsq_lightning.nets.augment`), then ``pixels / 255 - 0.5``;
     2. per view: ``len(channels)`` x [Conv(kernel, stride, padding) -> norm -> activation] (one grouped convolution
        holds all views' separate weights); 84x84 with the defaults: 42 -> 21 -> 10 -> 5, 256 x 5 x 5 per view;
     3. the flattened views, optionally projected by ``Linear -> LayerNorm -> tanh`` to ``feature_dim``;

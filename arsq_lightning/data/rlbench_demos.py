@@ -15,11 +15,11 @@ joint deltas ``misc["joint_position_action"][:7] - joint_positions[t-1]`` when t
 positions (else ``joint_positions[t] - joint_positions[t-1]``) and gripper ``1`` if step ``t`` has the gripper open,
 else ``0``; an episode whose joint delta exceeds 0.2 in magnitude anywhere is skipped. The last transition has
 reward 1 and is terminal (success). Observations are ``pixels`` uint8 ``[V, 3, S, S]`` + ``proprio`` float32 ``[8]``,
-frame-stacked like the env (:func:`arsq_lightning.envs.stack_frames`).
+frame-stacked like the env (:func:`arsq_lightning.envs.core.stack_frames`).
 
 Command line (writes the HDF5 file the RLBench configs read)::
 
-    python -m arsq_lightning.rlbench_demos ~/rlbench_data open_drawer demos/rlbench/open_drawer.hdf5 --frame-stack 8
+    python -m arsq_lightning.data.rlbench_demos ~/rlbench_data open_drawer demos/rlbench/open_drawer.hdf5 --frame-stack 8
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from arsq_lightning.envs import stack_frames
-from arsq_lightning.envs_rlbench import ACTION_DIM, CAMERAS, MAX_DEMO_DELTA
+from arsq_lightning.envs.core import stack_frames
+from arsq_lightning.envs.rlbench import ACTION_DIM, CAMERAS, MAX_DEMO_DELTA
 from arsq_lightning.errors import ConfigError
 
 LOW_DIM_PICKLE = "low_dim_obs.pkl"
@@ -143,7 +143,7 @@ def read_rlbench_demos(root: str | Path, task: str, *, variation: int = 0, camer
 
 def main(args: list[str] | None = None) -> None:
     """Convert a task's saved demos into the HDF5 file an ``rlbench`` config reads (see the module doc)."""
-    from arsq_lightning.datasets import write_d4rl_hdf5
+    from arsq_lightning.data.datasets import write_d4rl_hdf5
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="RLBench dataset root (the generator's --save_path)")

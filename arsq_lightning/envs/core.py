@@ -5,7 +5,7 @@ a step counter (and optional time limit), and the running episode return ``episo
 sizes linked from the data module into the model by the CLI, so they are never typed in YAML.
 
 Ids of the form ``suite:name`` (``metaworld:reach-v3``, ``dmc:cheetah-run``, ``rlbench:reach_target``) go to the
-suite's own module ``arsq_lightning.envs_<suite>``, imported only when used, which provides
+suite's own module ``arsq_lightning.envs.<suite>``, imported only when used, which provides
 ``make_base_env(name, *, seed, max_episode_steps, **kwargs) -> EnvBase`` and ``env_spec_of(name, **kwargs)``.
 A suite env's ``observation`` is a flat float vector or a nested TensorDict (e.g. ``pixels`` uint8 + ``proprio``),
 described by ``EnvSpec.observation_shapes``.
@@ -186,7 +186,7 @@ def _suite(env_id: str):
     if prefix not in SUITES:
         raise ConfigError(f"unknown env suite {prefix!r} in {env_id!r}: use a gymnasium id or one of "
                           + ", ".join(f"{name}:<task>" for name in SUITES))
-    return importlib.import_module(f"arsq_lightning.envs_{prefix}")
+    return importlib.import_module(f"arsq_lightning.envs.{prefix}")
 
 
 def stack_frames(frames: torch.Tensor, frame_stack: int, *, pixels: bool) -> torch.Tensor:

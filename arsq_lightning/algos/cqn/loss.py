@@ -11,7 +11,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.cqn_critic import CQNCritic
+from arsq_lightning.algos.cqn.critic import CQNCritic
 from arsq_lightning.errors import require
 
 
@@ -73,7 +73,7 @@ def _mean_over_bins(terms: Tensor, valid: Tensor | None) -> Tensor:
 
 
 class CQNLoss:
-    """CQN's loss of one batch (TorchRL layout as :class:`~arsq_lightning.loss.ARSQLoss`).
+    """CQN's loss of one batch (TorchRL layout as :class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`).
 
     Keyword Args:
         gamma: discount.

@@ -2,7 +2,7 @@
 
 At level ``l`` the network reads ``(features, m, onehot(l))`` where ``m [B, D]`` holds every dim's interval midpoint
 after ``l`` levels (zeros at level 0), and returns per-dim, per-bin atom logits. All dims of a level are decided
-independently given ``m`` (the ``groups = 1`` factorisation of :class:`~arsq_lightning.heads.AutoregressiveHead`).
+independently given ``m`` (the ``groups = 1`` factorisation of :class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead`).
 
 Shapes: ``F`` feature dim, ``D`` action dims, ``L`` levels, ``K`` bins, ``A`` atoms (1: plain Q values).
 """

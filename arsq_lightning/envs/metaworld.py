@@ -38,7 +38,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from arsq_lightning.envs import EnvSpec, nested_obs_dim
+from arsq_lightning.envs.core import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # only matters if mujoco is imported after this module
@@ -111,7 +111,7 @@ def missing_dataset_hint(name: str, path: str, *, observation: str = "state",
 
 
 def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = None, **kwargs) -> MetaWorldEnv:
-    """The suite entry point used by :func:`arsq_lightning.envs.make_env` (``kwargs``: see :class:`MetaWorldEnv`)."""
+    """The suite entry point used by :func:`arsq_lightning.envs.core.make_env` (``kwargs``: see :class:`MetaWorldEnv`)."""
     return MetaWorldEnv(name, seed=seed, max_episode_steps=max_episode_steps, **kwargs)
 
 

@@ -9,7 +9,7 @@ Setup (as CQN's ``rlbench_env.py``, which ARSQ reuses):
 
 * observation: nested, ``pixels`` uint8 ``[4, 3, S, S]`` from the front, wrist, left- and right-shoulder cameras
   (``image_size`` S = 84) and ``proprio`` float32 ``[8]`` = 7 joint positions + the gripper-open flag; frame
-  stacking (``frame_stack: 8`` in the paper) is done by :func:`arsq_lightning.envs.make_env`;
+  stacking (``frame_stack: 8`` in the paper) is done by :func:`arsq_lightning.envs.core.make_env`;
 * action ``[8]``: 7 joint-position deltas (``JointPosition(absolute_mode=False)``) + a discrete gripper
   (``Discrete``: open when > 0.5), moved arm first (``MoveArmThenGripper``). The env's action box is
   ``[min - 0.2|min|, max + 0.2|max|]`` per dimension, from the demo actions' min / max (gripper statistics fixed at
@@ -18,7 +18,7 @@ Setup (as CQN's ``rlbench_env.py``, which ARSQ reuses):
 * reward: sparse, 1 on the success step, which terminates the episode (``terminated``); the per-task time limit
   (:data:`EPISODE_LENGTHS`) truncates it (``truncated``, bootstrapped).
 
-Env kwargs: ``image_size``, ``cameras``, ``demo_dataset`` (an HDF5 file from :mod:`arsq_lightning.rlbench_demos`,
+Env kwargs: ``image_size``, ``cameras``, ``demo_dataset`` (an HDF5 file from :mod:`arsq_lightning.data.rlbench_demos`,
 for the action bounds) or explicit ``action_low`` / ``action_high``, ``dataset_root`` (RLBench's own demo store, for
 ``get_demos``), ``arm_max_velocity`` / ``arm_max_acceleration`` (2.0 / 8.0, the demo generator's settings),
 ``renderer`` (``opengl3`` or ``opengl``), ``headless``.
@@ -35,7 +35,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from arsq_lightning.envs import EnvSpec, nested_obs_dim
+from arsq_lightning.envs.core import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
 
 CAMERAS = ("front", "wrist", "left_shoulder", "right_shoulder")

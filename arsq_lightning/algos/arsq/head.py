@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from arsq_lightning.errors import require
-from arsq_lightning.layers import EnsembleLinear, EnsembleMLP, orthogonal_
+from arsq_lightning.nets.layers import EnsembleLinear, EnsembleMLP, orthogonal_
 
 
 def dim_groups(action_dim: int, groups: int | Sequence[Sequence[int]]) -> list[list[int]]:

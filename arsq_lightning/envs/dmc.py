@@ -6,7 +6,7 @@ Env kwargs:
   key order (as DrQ-v2 / CQN do);
 * ``observation: pixels``: a nested ``observation`` with ``pixels`` uint8 ``[1, 3, image_size, image_size]`` (one
   camera view, channels first) from MuJoCo's offscreen renderer; ``frame_stack`` (handled by
-  :func:`arsq_lightning.envs.make_env`) stacks frames on the channel axis;
+  :func:`arsq_lightning.envs.core.make_env`) stacks frames on the channel axis;
 * ``image_size`` (84), ``camera_id`` (``None``: 2 for quadruped, else 0, as DrQ-v2), ``action_repeat`` (1; CQN's
   DMC setting is 2, ALGORITHM.md §6.5): each action is applied ``action_repeat`` times, rewards summed, and pixels
   rendered once per agent step.
@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from arsq_lightning.envs import EnvSpec, nested_obs_dim
+from arsq_lightning.envs.core import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
 
 OBSERVATIONS = ("state", "pixels")
@@ -112,8 +112,15 @@ def _check(observation: str, image_size, action_repeat) -> tuple[int, int]:
 def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = None, observation: str = "state",
                   image_size: int = 84, action_repeat: int = 1, camera_id: int | None = None):
     """A TorchRL env for ``dmc:<name>`` with ``observation`` flat (state) or nested ``{pixels}`` (see module doc)."""
-    from torchrl.envs import (CatTensors, Compose, DMControlWrapper, PermuteTransform, RenameTransform,
-                              TransformedEnv, UnsqueezeTransform)
+    from torchrl.envs import (
+        CatTensors,
+        Compose,
+        DMControlWrapper,
+        PermuteTransform,
+        RenameTransform,
+        TransformedEnv,
+        UnsqueezeTransform,
+    )
 
     image_size, action_repeat = _check(observation, image_size, action_repeat)
     env = _load(name, seed, max_episode_steps, action_repeat)

@@ -20,8 +20,8 @@ from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from arsq_lightning.demos import D4RL_REFERENCE_RETURNS, normalized_score, task_name
-from arsq_lightning.envs import EnvSpec, env_spec_of, make_env
+from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
+from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
 from arsq_lightning.errors import require
 from arsq_lightning.policy import make_actor
 
@@ -108,7 +108,7 @@ class OnlineDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def make_env(self, seed: int):
-        """A fresh env of this module's task (see :func:`arsq_lightning.envs.make_env`)."""
+        """A fresh env of this module's task (see :func:`arsq_lightning.envs.core.make_env`)."""
         return make_env(self.hparams.env_id, seed=seed, **self.env_kwargs)
 
     def train_dataloader(self) -> DataLoader:

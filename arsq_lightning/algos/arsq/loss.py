@@ -13,7 +13,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.critic import ARSQCritic
+from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.errors import require
 
 Conservative = Literal["none", "cql", "margin"]

@@ -1,0 +1,1 @@
+"""Network building blocks shared by every algorithm: ensemble layers, observation encoders, image augmentation."""
