@@ -47,8 +47,9 @@ class Discretizer(nn.Module):
     """Interface shared by discretizers: continuous actions <-> integer codes ``[..., L, D]``.
 
     Subclasses set ``levels``, ``bins`` and ``action_dim`` and implement every method below; acting
-    (:meth:`ARSQCritic.act <arsq_lightning.algos.arsq.critic.ARSQCritic.act>`) zooms in through ``prefix * bins + bin`` and
-    :meth:`midpoint`, and maps the final unit-space midpoints to the env with :meth:`from_unit`.
+    (:meth:`ARSQCritic.act <arsq_lightning.algos.arsq.critic.ARSQCritic.act>`) zooms in through
+    ``prefix * bins + bin`` and :meth:`midpoint`, and maps the final unit-space midpoints to the env with
+    :meth:`from_unit`.
     """
 
     levels: int
@@ -120,7 +121,8 @@ class CoarseToFineDiscretizer(Discretizer):
         self.register_buffer("low", low_t)
         self.register_buffer("high", high_t)
         # bins_table[l, d]: bins of dim d at level l (1 once d's own levels are done). Derived, so not persistent.
-        table = torch.tensor([[b if lvl < n else 1 for n, b in zip(per_levels, per_bins)] for lvl in range(self.levels)],
+        table = torch.tensor([[b if lvl < n else 1 for n, b in zip(per_levels, per_bins)]
+                              for lvl in range(self.levels)],
                              dtype=torch.float64)
         self.register_buffer("bins_table", table, persistent=False)  # [L, D]
         # count[n, d] = intervals of dim d after n levels; the midpoint of interval j is j * scale + offset (float64).

@@ -37,7 +37,8 @@ def only_run(uri: str):
 
 def write_random_dataset(env_id: str, path: Path, steps: int = 120, max_episode_steps: int = 18,
                          env_kwargs: dict | None = None) -> Path:
-    """A small D4RL-layout file from uniformly random actions in a real env (episodes end by termination or time-out)."""
+    """A small D4RL-layout file from uniformly random actions in a real env (episodes end by termination or
+    time-out)."""
     import torch
 
     from arsq_lightning import make_env, write_d4rl_hdf5

@@ -18,7 +18,8 @@ def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     data = yaml.safe_load(config.read_text())["data"]
     if "dataset" in data["init_args"]:  # point the dataset at a small file from the right env
         init = data["init_args"]
-        path = write_random_dataset(init["env_id"], tmp_path / "data.hdf5", steps=40 if "pixels" in config.name else 120,
+        steps = 40 if "pixels" in config.name else 120
+        path = write_random_dataset(init["env_id"], tmp_path / "data.hdf5", steps=steps,
                                     env_kwargs=init.get("env_kwargs"))
         extra = ["--data.dataset", str(path)]
     cli = build_cli(["--config", str(config), *extra], run=False)

@@ -73,7 +73,7 @@ def test_target_exactly_on_an_atom_keeps_its_mass_there():
     torch.testing.assert_close(onto_atom, torch.zeros_like(probs).index_fill(-1, torch.tensor([3]), 1.0))
 
 
-# --- head --------------------------------------------------------------------------------------------------------------
+# --- head -------------------------------------------------------------------------------------------------------------
 
 def test_zero_initialised_head_gives_uniform_atoms_and_ties_break_at_random():
     critic = make(jitter=0.0)
@@ -109,7 +109,7 @@ def test_all_levels_at_once_equal_one_level_at_a_time_on_explicit_zoom_in():
         torch.testing.assert_close(batched[:, lvl], critic.head.level_logits(obs, cond, lvl), atol=1e-5, rtol=1e-5)
 
 
-# --- acting ----------------------------------------------------------------------------------------------------------
+# --- acting -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("act_network", ["online", "target"])
 def test_greedy_action_maximises_expected_q_per_dim_along_its_path(act_network):
@@ -146,7 +146,7 @@ def test_cqn_critic_rejects_an_arsq_head():
         CQNCritic(FlattenEncoder(OBS), disc, head)
 
 
-# --- loss --------------------------------------------------------------------------------------------------------------
+# --- loss -------------------------------------------------------------------------------------------------------------
 
 def batch(critic: CQNCritic, size: int = 8, demo: list[bool] | None = None) -> TensorDict:
     g = torch.Generator().manual_seed(1)

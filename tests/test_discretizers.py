@@ -42,7 +42,7 @@ def random_codes(batch: int, levels: int, action_dim: int, bins: int) -> torch.T
     return torch.randint(0, bins, (batch, levels, action_dim))
 
 
-# --- §2.2 / §2.3 worked examples -----------------------------------------------------------------------------------
+# --- §2.2 / §2.3 worked examples --------------------------------------------------------------------------------------
 
 def test_table_examples_of_section_2_2():
     """§2.2 table, (L, B) = (3, 5): 0.3 -> (3, 1, 1) -> 0.304 and 0.0 -> (2, 2, 2) -> 0.0."""
@@ -68,7 +68,7 @@ def test_num_positions_is_levels_times_dims():
     assert CoarseToFineDiscretizer([0.0] * 3, [1.0] * 3, levels=2, bins=7).num_positions == 6
 
 
-# --- round trip (property-based) ------------------------------------------------------------------------------------
+# --- round trip (property-based) --------------------------------------------------------------------------------------
 
 @st.composite
 def discretizer_setups(draw):
@@ -202,7 +202,7 @@ def test_shapes_with_extra_leading_dims():
     assert disc.encode(action[0, 0, 0]).shape == (2, 3)  # a single unbatched action
 
 
-# --- conditioning and zoom-in ---------------------------------------------------------------------------------------
+# --- conditioning and zoom-in -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("levels,bins,action_dim", [(1, 41, 3), (2, 5, 2), (3, 3, 3), (4, 2, 1), (2, 7, 4)])
 def test_conditioning_matches_explicit_zoom_in(levels, bins, action_dim):
@@ -246,7 +246,7 @@ def test_env_space_affine_maps_are_inverse():
     torch.testing.assert_close(disc.from_unit(unit), action)
 
 
-# --- bad configuration -------------------------------------------------------------------------------------------------
+# --- bad configuration ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("low,high,kwargs", [
     ([-1.0], [1.0], {"levels": 0}),

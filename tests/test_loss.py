@@ -78,7 +78,7 @@ def leaves(batch: TensorDict) -> dict:
     return {k: v.clone() for k, v in batch.items(include_nested=True, leaves_only=True)}
 
 
-# --- agreement with the reference ------------------------------------------------------------------------------------
+# --- agreement with the reference -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("conservative", ["none", "cql", "margin"])
 @pytest.mark.parametrize("reduction", ["demo_mean", "batch_mean", "sum_all"])
@@ -140,7 +140,7 @@ def test_loss_matches_reference_with_qchunk_and_learned_encoder():
                                rtol=1e-5)
 
 
-# --- bootstrapping ---------------------------------------------------------------------------------------------------
+# --- bootstrapping ----------------------------------------------------------------------------------------------------
 
 def test_terminated_next_observation_does_not_matter():
     """§3.3 step 3: (1 - terminated) masks the bootstrap, so s' of a terminated sample has no effect."""
@@ -181,7 +181,7 @@ def test_target_uses_min_of_target_values():
     assert not out["target"].requires_grad
 
 
-# --- gradients and inputs ----------------------------------------------------------------------------------------------
+# --- gradients and inputs ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("conservative", ["cql", "margin"])
 def test_gradients_reach_only_online_parameters(conservative):
@@ -225,7 +225,7 @@ def test_polyak_update(tau):
         assert torch.equal(p, online[name]), name
 
 
-# --- demo masking --------------------------------------------------------------------------------------------------
+# --- demo masking -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("conservative", ["cql", "margin"])
 def test_conservative_term_only_sees_demo_samples(conservative):
@@ -255,7 +255,7 @@ def test_demo_reductions_relate_by_demo_count():
     torch.testing.assert_close(batch_mean, demo_mean * 3 / 8)
 
 
-# --- configuration ---------------------------------------------------------------------------------------------------
+# --- configuration ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [{"gamma": 1.5}, {"gamma": -0.1}, {"cql_temperature": 0.0},
                                     {"clip_min": 1.0, "clip_max": 0.0}, {"conservative": "bc"},

@@ -1,4 +1,5 @@
-"""scripts/make_dataset.py end to end on tiny settings: train -> replay / rollouts -> mix, files readable and labelled."""
+"""scripts/make_dataset.py end to end on tiny settings: train -> replay / rollouts -> mix, files readable and
+labelled."""
 
 from __future__ import annotations
 

@@ -66,8 +66,14 @@ def _load_d4rl_arrays(path: Path, missing_hint: str = "") -> dict[str, np.ndarra
             arrays = {k: _read_entry(f[k]) for k in keys}
     except OSError as err:  # a damaged file: h5py cannot parse it
         raise ConfigError(f"{source}: cannot read the HDF5 file ({err})") from None
+    return _checked_arrays(arrays, source)
+
+
+def _checked_arrays(arrays: dict, source: str) -> dict[str, np.ndarray | dict[str, np.ndarray]]:
+    """The D4RL arrays of ``source`` after the layout checks (equal lengths, finite, one reward / flag per row,
+    matching observation shapes); a missing ``timeouts`` becomes all false, with a warning."""
     if "timeouts" not in arrays:
-        warnings.warn(f"{source}: no 'timeouts' dataset: episodes end only at terminals", stacklevel=3)
+        warnings.warn(f"{source}: no 'timeouts' dataset: episodes end only at terminals", stacklevel=4)
         arrays["timeouts"] = np.zeros(len(arrays["terminals"]), dtype=bool)
     rows = {k: _rows(v) for k, v in arrays.items()}
     if len(set(rows.values())) != 1:
@@ -156,6 +162,19 @@ def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> Te
     Keyword Args:
         root: the Minari store (default: ``$MINARI_DATASETS_PATH`` or Minari's own default).
     """
+    dataset = _load_minari(dataset_id, root)
+    chunks = [_minari_episode(ep, dataset_id) for ep in dataset.iterate_episodes()]
+    if not chunks or sum(c.numel() for c in chunks) == 0:
+        raise ConfigError(f"Minari dataset {dataset_id!r} is empty")
+    data = torch.cat(chunks)
+    for key in ("observation", "action", ("next", "reward"), ("next", "observation")):
+        if not torch.isfinite(data[key]).all():
+            raise ConfigError(f"Minari dataset {dataset_id!r}: {key} contains NaN or inf")
+    return data
+
+
+def _load_minari(dataset_id: str, root: str | os.PathLike | None):
+    """``minari.load_dataset`` from the store ``root`` (the process environment is left as it was)."""
     try:
         import minari
     except ImportError:
@@ -164,34 +183,29 @@ def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> Te
     if root is not None:
         os.environ["MINARI_DATASETS_PATH"] = os.path.expanduser(str(root))
     try:
-        dataset = minari.load_dataset(dataset_id)
+        return minari.load_dataset(dataset_id)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"Minari dataset {dataset_id!r}: {err}") from None
-    finally:  # leave the process environment as it was
+    finally:
         if root is not None and previous is None:
             del os.environ["MINARI_DATASETS_PATH"]
         elif root is not None:
             os.environ["MINARI_DATASETS_PATH"] = previous
-    chunks = []
-    for ep in dataset.iterate_episodes():
-        steps = len(ep.actions)
-        if not isinstance(ep.observations, np.ndarray):
-            raise ConfigError(f"Minari dataset {dataset_id!r}: only array (Box) observations are supported")
-        obs = torch.as_tensor(ep.observations, dtype=torch.float32).reshape(steps + 1, -1)
-        term = torch.as_tensor(ep.terminations).bool().reshape(steps, 1)
-        trunc = torch.as_tensor(ep.truncations).bool().reshape(steps, 1) & ~term
-        chunks.append(TensorDict({
-            "observation": obs[:-1], "action": torch.as_tensor(ep.actions, dtype=torch.float32).reshape(steps, -1),
-            "episode": torch.full((steps,), int(ep.id), dtype=torch.long),
-            "next": {"observation": obs[1:], "reward": torch.as_tensor(ep.rewards, dtype=torch.float32).reshape(-1, 1),
-                     "terminated": term, "truncated": trunc, "done": term | trunc}}, batch_size=[steps]))
-    if not chunks or sum(c.numel() for c in chunks) == 0:
-        raise ConfigError(f"Minari dataset {dataset_id!r} is empty")
-    data = torch.cat(chunks)
-    for key in ("observation", "action", ("next", "reward"), ("next", "observation")):
-        if not torch.isfinite(data[key]).all():
-            raise ConfigError(f"Minari dataset {dataset_id!r}: {key} contains NaN or inf")
-    return data
+
+
+def _minari_episode(ep, dataset_id: str) -> TensorDict:
+    """One Minari episode as TED rows ``[steps]``."""
+    steps = len(ep.actions)
+    if not isinstance(ep.observations, np.ndarray):
+        raise ConfigError(f"Minari dataset {dataset_id!r}: only array (Box) observations are supported")
+    obs = torch.as_tensor(ep.observations, dtype=torch.float32).reshape(steps + 1, -1)
+    term = torch.as_tensor(ep.terminations).bool().reshape(steps, 1)
+    trunc = torch.as_tensor(ep.truncations).bool().reshape(steps, 1) & ~term
+    return TensorDict({
+        "observation": obs[:-1], "action": torch.as_tensor(ep.actions, dtype=torch.float32).reshape(steps, -1),
+        "episode": torch.full((steps,), int(ep.id), dtype=torch.long),
+        "next": {"observation": obs[1:], "reward": torch.as_tensor(ep.rewards, dtype=torch.float32).reshape(-1, 1),
+                 "terminated": term, "truncated": trunc, "done": term | trunc}}, batch_size=[steps])
 
 
 def check_against_env(data: TensorDict, spec: EnvSpec, source: str) -> TensorDict:

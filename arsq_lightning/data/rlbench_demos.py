@@ -19,7 +19,8 @@ frame-stacked like the env (:func:`arsq_lightning.envs.core.stack_frames`).
 
 Command line (writes the HDF5 file the RLBench configs read)::
 
-    python -m arsq_lightning.data.rlbench_demos ~/rlbench_data open_drawer demos/rlbench/open_drawer.hdf5 --frame-stack 8
+    python -m arsq_lightning.data.rlbench_demos ~/rlbench_data open_drawer demos/rlbench/open_drawer.hdf5 \
+        --frame-stack 8
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def missing_dataset_hint(name: str, path: str, *, observation: str = "state",
 
 
 def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = None, **kwargs) -> MetaWorldEnv:
-    """The suite entry point used by :func:`arsq_lightning.envs.core.make_env` (``kwargs``: see :class:`MetaWorldEnv`)."""
+    """The suite entry point used by :func:`arsq_lightning.envs.core.make_env` (``kwargs``: see
+    :class:`MetaWorldEnv`)."""
     return MetaWorldEnv(name, seed=seed, max_episode_steps=max_episode_steps, **kwargs)
 
 

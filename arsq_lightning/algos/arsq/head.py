@@ -52,7 +52,8 @@ class AutoregressiveHead(nn.Module):
         num_critics: ``C``; 2 gives the twin critics of §3.
         out_gain: orthogonal-init gain of the output layers (official: 0.01).
         groups: dims decided together within a level: ``-1`` (one group per dim, ARSQ), a number ``g`` of contiguous
-            groups of near-equal size, or explicit groups ``[[0, 2], [1]]`` (a partition of the dims, in decision order).
+            groups of near-equal size, or explicit groups ``[[0, 2], [1]]`` (a partition of the dims, in decision
+            order).
         layer_norm: LayerNorm before every hidden activation of the value and advantage MLPs (the official networks
             have none; CQN's have it).
     """
@@ -115,7 +116,8 @@ class AutoregressiveHead(nn.Module):
         chunks = []
         for c in range(self.num_chunks):
             members = slice(c, None, self.num_chunks)
-            chunks.append({"members": members, "first": first_part[members], "cond_weight": first.weight[members, self.feature_dim:],
+            chunks.append({"members": members, "first": first_part[members],
+                           "cond_weight": first.weight[members, self.feature_dim:],
                            "hidden": [(layer.bias[members], layer.weight[members])
                                       for layer in self.adv_trunk.layers[1:]],
                            "out": [(self.adv_bias[members, slot].unsqueeze(1), self.adv_weight[members, slot])

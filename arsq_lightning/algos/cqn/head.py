@@ -2,7 +2,8 @@
 
 At level ``l`` the network reads ``(features, m, onehot(l))`` where ``m [B, D]`` holds every dim's interval midpoint
 after ``l`` levels (zeros at level 0), and returns per-dim, per-bin atom logits. All dims of a level are decided
-independently given ``m`` (the ``groups = 1`` factorisation of :class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead`).
+independently given ``m`` (the ``groups = 1`` factorisation of
+:class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead`).
 
 Shapes: ``F`` feature dim, ``D`` action dims, ``L`` levels, ``K`` bins, ``A`` atoms (1: plain Q values).
 """
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from arsq_lightning.errors import require
 
 
-def _stream(feature_dim: int, action_dim: int, levels: int, trunk_dim: int, hidden_dims: Sequence[int]) -> nn.ModuleDict:
+def _stream(feature_dim: int, action_dim: int, levels: int, trunk_dim: int,
+            hidden_dims: Sequence[int]) -> nn.ModuleDict:
     """One dueling stream: its own trunk ``Linear(F -> trunk_dim) + LayerNorm + tanh`` and MLP with LayerNorm + SiLU."""
     trunk = nn.Sequential(nn.Linear(feature_dim, trunk_dim, bias=False), nn.LayerNorm(trunk_dim), nn.Tanh())
     layers: list[nn.Module] = []
@@ -85,7 +87,8 @@ class CQNHead(nn.Module):
         return flat.view(batch, levels, *flat.shape[1:])
 
     def expected_q(self, logits: Tensor) -> Tensor:
-        """``[..., A] -> [...]``: the distribution's mean ``sum softmax(logits) * z`` (the logit itself if ``A = 1``)."""
+        """``[..., A] -> [...]``: the distribution's mean ``sum softmax(logits) * z`` (the logit itself if
+        ``A = 1``)."""
         if self.atoms == 1:
             return logits.squeeze(-1)
         return (logits.softmax(-1) * self.support).sum(-1)

@@ -25,7 +25,8 @@ def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support
 
     Returns:
         ``[B, ..., A]``, each summing to 1. A shifted atom at ``b = j + f`` (``j`` integer, ``0 <= f < 1``) gives mass
-        ``1 - f`` to atom ``j`` and ``f`` to atom ``j + 1``, so a target landing exactly on an atom keeps all its mass there.
+        ``1 - f`` to atom ``j`` and ``f`` to atom ``j + 1``, so a target landing exactly on an atom keeps all its
+        mass there.
     """
     atoms = support.numel()
     v_min, v_max = float(support[0]), float(support[-1])
@@ -102,7 +103,8 @@ class CQNLoss:
         ``target_clipped`` (the share of expected targets ``r + gamma * E[Z']`` outside the support: values the C51
         projection clips, a sign that ``v_min`` / ``v_max`` do not fit the reward scale and gamma)."""
         head = critic.head
-        require(head.atoms > 1 or self.fosd_weight == 0, "model.loss fosd_weight needs a distributional head (atoms > 1)")
+        require(head.atoms > 1 or self.fosd_weight == 0,
+                "model.loss fosd_weight needs a distributional head (atoms > 1)")
         features = critic.encoder(batch["observation"])
         codes = critic.discretizer.encode(batch["action"])  # [B, L, D]
         logits = critic.logits(features, codes)  # [B, L, D, K, A]
