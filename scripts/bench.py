@@ -44,14 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import reference  # noqa: E402  (tests/reference.py, the slow per-position implementation)
-
 from arsq_lightning.algos.arsq.critic import ARSQCritic  # noqa: E402
 from arsq_lightning.algos.arsq.head import AutoregressiveHead  # noqa: E402
 from arsq_lightning.algos.arsq.loss import ARSQLoss  # noqa: E402
 from arsq_lightning.discretizers import CoarseToFineDiscretizer  # noqa: E402
 from arsq_lightning.envs.core import EnvSpec  # noqa: E402
 from arsq_lightning.module import ARSQModule  # noqa: E402
+
+import reference  # noqa: E402  (tests/reference.py, the slow per-position implementation)
 
 HIDDEN = (512, 512, 512)
 CRITICS = 2

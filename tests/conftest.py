@@ -1,4 +1,10 @@
-"""Shared test setup: one CPU thread (the test machine is small and shared) and a fixed seed for every test."""
+"""Shared test setup: one CPU thread (the test machine is small and shared), a fixed seed for every test, and the
+markers that follow the folders: ``tests/unit`` (no marker: fast), ``tests/e2e`` (``e2e``: whole runs through the
+CLI and scripts), ``tests/slow`` (``slow``: learning, DDP, compilation, dataset generation).
+
+    python -m pytest -q                              # everything (the README's test command)
+    python -m pytest -q -m "not e2e and not slow"    # the unit suite
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.parent.name
+        if folder in ("e2e", "slow"):
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ acting with random tie-breaking, re-quantised Gaussian exploration, double-Q tar
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
 from tensordict import TensorDict
 
@@ -15,6 +14,8 @@ from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection, fosd_penalty,
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder
+
+import reference
 
 OBS = 4
 

@@ -3,19 +3,14 @@ labelled."""
 
 from __future__ import annotations
 
-import sys
-
 import h5py
-import pytest
-from helpers import REPO, use_tmp_mlflow
 
 from arsq_lightning import read_d4rl_hdf5, read_minari
 
-sys.path.insert(0, str(REPO / "scripts"))
-import make_dataset  # noqa: E402
+import make_dataset
+from helpers import use_tmp_mlflow
 
 
-@pytest.mark.slow
 def test_train_replay_rollouts_random_mix(monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
     run = tmp_path / "gen"

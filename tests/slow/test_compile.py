@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from arsq_lightning import ARSQCritic, AutoregressiveHead, CoarseToFineDiscretizer, FlattenEncoder
 
 
-@pytest.mark.slow
 def test_compiled_acting_matches_eager():
     disc = CoarseToFineDiscretizer([-1.0, 0.0], [1.0, 3.0], levels=2, bins=3)
     head = AutoregressiveHead(5, 2, 2, 3, hidden_dims=(16, 16), out_gain=1.0)
@@ -24,7 +22,6 @@ def test_compiled_acting_matches_eager():
     assert not torch.equal(samples[0][0], samples[0][1])  # the samples do vary
 
 
-@pytest.mark.slow
 def test_compiled_critic_copies_and_pickles_with_its_own_weights():
     import copy
     import pickle

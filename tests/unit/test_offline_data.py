@@ -3,13 +3,11 @@ rounds of trajectories, and relabelling (ALGORITHM.md §4.1-§4.2, §8.4)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
 from lightning.pytorch.callbacks import Callback
 from tensordict import TensorDict
 
@@ -17,7 +15,7 @@ from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule, r
 from arsq_lightning.cli import build_cli
 from arsq_lightning.data.d4rl import auto_reward_scale, returns_to_go
 
-sys.path.insert(0, str(REPO / "scripts"))
+from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
 
 HOPPER_MR = REPO / "configs" / "d4rl" / "hopper_medium_replay.yaml"
 

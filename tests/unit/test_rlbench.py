@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, use_tmp_mlflow
 from PIL import Image
 from torchrl.envs import Compose, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.utils import check_env_specs
@@ -38,6 +37,8 @@ from arsq_lightning.envs.rlbench import (
     to_unit,
 )
 from arsq_lightning.errors import ConfigError
+
+from helpers import REPO, use_tmp_mlflow
 
 RLBENCH_CONFIGS = sorted((REPO / "configs" / "rlbench").glob("*.yaml"))
 PAPER_TASKS = {  # §5.2: the 20 CQN tasks plus reach_target and slide_block_to_target

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, use_tmp_mlflow
 from torchrl.envs.utils import check_env_specs
 
 import arsq_lightning.envs.dmc  # noqa: F401 (sets MUJOCO_GL=egl before dm_control is imported below)
@@ -13,6 +12,8 @@ from arsq_lightning.cli import build_cli
 from arsq_lightning.envs.core import env_spec_of, make_env
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import DrQEncoder
+
+from helpers import REPO, use_tmp_mlflow
 
 PIXELS = REPO / "configs" / "dmc" / "cheetah_run_pixels.yaml"
 

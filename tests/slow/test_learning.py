@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from helpers import QUICKSTART, use_tmp_mlflow
 
 from arsq_lightning.cli import build_cli
+
+from helpers import QUICKSTART, use_tmp_mlflow
 
 SHORT_RUN = ["--trainer.max_steps", "3000", "--trainer.val_check_interval", "3000",
              "--trainer.log_every_n_steps", "500", "--trainer.enable_progress_bar", "false",
@@ -24,7 +24,6 @@ def random_policy_returns(data, episodes: int) -> torch.Tensor:
     return torch.stack(returns)
 
 
-@pytest.mark.slow
 def test_short_pendulum_run_beats_random_policy(monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
     cli = build_cli(["fit", "--config", str(QUICKSTART), *SHORT_RUN])

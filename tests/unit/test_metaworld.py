@@ -3,13 +3,10 @@ scripted-expert demos (scripts/make_demos.py) and their loading into the demo bu
 
 from __future__ import annotations
 
-import sys
-
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY, only_run, use_tmp_mlflow
 from torchrl.envs.utils import check_env_specs
 
 from arsq_lightning import make_env, read_d4rl_hdf5
@@ -17,8 +14,8 @@ from arsq_lightning.cli import build_cli
 from arsq_lightning.data.datasets import check_against_env
 from arsq_lightning.envs.core import env_spec_of
 
-sys.path.insert(0, str(REPO / "scripts"))
-import make_demos  # noqa: E402
+import make_demos
+from helpers import REPO, TINY, only_run, use_tmp_mlflow
 
 REACH = "metaworld:reach-v3"
 CONFIG = REPO / "configs" / "metaworld" / "reach-v3.yaml"

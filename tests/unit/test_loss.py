@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import reference
 import torch
 from tensordict import TensorDict
 
@@ -13,6 +12,8 @@ from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
+
+import reference
 
 OBS_DIM = 4
 CLIP_MIN, CLIP_MAX = -0.05, 0.2  # small enough that both ends of the clip are hit with out_gain 1.0 logits

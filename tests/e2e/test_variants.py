@@ -4,10 +4,11 @@ discretizer plug into the same module, data and loop by config alone."""
 from __future__ import annotations
 
 import torch
-from helpers import REPO, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 from arsq_lightning import ARSQModule, CQNCritic, QuantileDiscretizer
 from arsq_lightning.cli import build_cli
+
+from helpers import REPO, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 COMPARE = REPO / "configs" / "compare"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from helpers import QUICKSTART, REPO, RUNNABLE_CONFIGS, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 from arsq_lightning import ARSQModule, AutoregressiveHead, CQNCritic, CQNHead, CQNLoss, OnlineDataModule
 from arsq_lightning.cli import build_cli, main
+
+from helpers import QUICKSTART, REPO, RUNNABLE_CONFIGS, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 
 @pytest.mark.parametrize("config", RUNNABLE_CONFIGS, ids=lambda p: p.name)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import QUICKSTART, REPO, TINY, use_tmp_mlflow
 from matplotlib import image
 from mlflow import MlflowClient
+
+from helpers import QUICKSTART, REPO, TINY, use_tmp_mlflow
 
 SCRIPT = REPO / "scripts" / "compare.py"
 ALPHAS = {"alpha0.01": "0.01", "alpha0.1": "0.1"}  # label -> --model.soft_alpha

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import reference
 import torch
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic, soft_advantages
@@ -15,6 +14,8 @@ from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
 from arsq_lightning.nets.layers import EnsembleMLP
+
+import reference
 
 OBS_DIM = 4
 

@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
+
 from helpers import QUICKSTART, REPO, TINY, only_run
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_ranks_keep_identical_parameters(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
