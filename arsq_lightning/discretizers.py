@@ -80,6 +80,16 @@ class Discretizer(nn.Module):
         raise NotImplementedError
 
 
+def gaussian_exploration(disc: Discretizer, action: Tensor, std: float,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Explore around env-space grid actions ``[B, D]``: add ``N(0, std^2)`` noise in the unit box (clamped inside
+    it) and snap back to the finest grid (CQN's exploration, also an option of ARSQ's critic)."""
+    unit = disc.to_unit(action)
+    noise = torch.randn(unit.shape, device=unit.device, generator=generator) * std
+    bound = 1.0 - 1e-6
+    return disc.decode(disc.encode(disc.from_unit((unit + noise).clamp(-bound, bound))))
+
+
 class CoarseToFineDiscretizer(Discretizer):
     """Coarse-to-fine grid over a box action space (ALGORITHM.md §2.1-§2.3).
 

@@ -244,6 +244,24 @@ def test_stochastic_acting_is_reproducible_with_a_generator():
     assert not torch.equal(first, other)
 
 
+def test_gaussian_exploration_is_the_greedy_action_plus_noise_snapped_to_the_grid():
+    """``exploration_std > 0``: exploring acts greedily, then adds N(0, std^2) in the unit box and re-quantises."""
+    critic = make_critic(2, 2, 5, soft_alpha=0.1, act_alpha=1.0)
+    critic.exploration_std = 0.3
+    disc = critic.discretizer
+    obs = torch.randn(300, OBS_DIM)
+    greedy = critic.act(obs, deterministic=True)
+    explored = critic.act(obs, deterministic=False, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(3)) * 0.3
+    expected_unit = (disc.to_unit(greedy) + noise).clamp(-1 + 1e-6, 1 - 1e-6)
+    torch.testing.assert_close(explored, disc.decode(disc.encode(disc.from_unit(expected_unit))))
+    torch.testing.assert_close(disc.decode(disc.encode(explored)), explored)  # on the finest grid
+    moved = (disc.to_unit(explored) - disc.to_unit(greedy)).abs()
+    assert 0.05 < float(moved.mean()) < 0.5  # about the noise's mean absolute size, 0.3 * sqrt(2 / pi) = 0.24
+    critic.exploration_std = 1e-9
+    assert torch.equal(critic.act(obs, deterministic=False, generator=torch.Generator().manual_seed(3)), greedy)
+
+
 def test_stochastic_acting_samples_softmax_of_min_over_twins():
     """§3.4: training rollouts sample Categorical(logits = min_k A_k / alpha_a) at each position, conditioned on
     the bins sampled before; checked on empirical frequencies of positions 0 and 1 (act_alpha != soft_alpha)."""

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from arsq_lightning.discretizers import Discretizer
+from arsq_lightning.discretizers import Discretizer, gaussian_exploration
 from arsq_lightning.errors import require
 
 _COMPILED_DECODE = None
@@ -50,22 +50,26 @@ class ARSQCritic(nn.Module):
         act_alpha: ``alpha_a``, temperature when acting; ``None`` uses ``soft_alpha`` (as every official config).
         act_network: ``online`` (official D4RL) or ``target`` (official RLBench) networks select actions (§3.4).
         compile_act: run the acting loop through ``torch.compile`` (faster per call, slow first call).
+        exploration_std: when exploring (``deterministic=False``), ``0`` (official) samples every position from
+            ``softmax(A / act_alpha)``; ``> 0`` takes the greedy action plus Gaussian noise of this std in the unit
+            box, snapped back to the grid (CQN's exploration).
     """
 
     def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *, soft_alpha: float = 0.01,
                  act_alpha: float | None = None, act_network: Literal["online", "target"] = "online",
-                 compile_act: bool = False):
+                 compile_act: bool = False, exploration_std: float = 0.0):
         super().__init__()
         act_alpha = soft_alpha if act_alpha is None else act_alpha
         require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
         require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
+        require(exploration_std >= 0, f"exploration_std must be >= 0, got {exploration_std}")
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
         require(hasattr(head, "advantage_logits"), "the ARSQ critic needs an auto-regressive head such as "
                 f"AutoregressiveHead, got {type(head).__name__}: set model.critic to arsq_lightning.CQNCritic for CQN")
         self.encoder, self.discretizer, self.head = encoder, discretizer, head
         self.target_head = copy.deepcopy(head).requires_grad_(False)
         self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
-        self.compile_act = compile_act
+        self.compile_act, self.exploration_std = compile_act, exploration_std
 
     def online_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser trains: encoder and online head (never the target copy)."""
@@ -103,8 +107,12 @@ class ARSQCritic(nn.Module):
 
         At each position the ``act_alpha``-normalised logits of the critics are combined by an element-wise
         minimum; ``deterministic`` takes the argmax (first index on ties), otherwise a bin is sampled from
-        ``softmax(min / act_alpha)`` (by the Gumbel-max trick, with noise drawn from ``generator`` up front).
+        ``softmax(min / act_alpha)`` (by the Gumbel-max trick, with noise drawn from ``generator`` up front), or,
+        with ``exploration_std > 0``, the argmax plus Gaussian noise.
         """
+        if not deterministic and self.exploration_std > 0:
+            greedy = (_compiled_decode() if self.compile_act else ARSQCritic._decode)(self, obs, None)
+            return gaussian_exploration(self.discretizer, greedy, self.exploration_std, generator)
         noise = None
         if not deterministic:
             shape = (self.discretizer.num_positions, obs.shape[0], self.discretizer.bins)

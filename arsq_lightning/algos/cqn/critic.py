@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from arsq_lightning.algos.cqn.head import CQNHead
-from arsq_lightning.discretizers import Discretizer
+from arsq_lightning.discretizers import Discretizer, gaussian_exploration
 from arsq_lightning.errors import require
 
 
@@ -88,10 +88,7 @@ class CQNCritic(nn.Module):
         action = disc.decode(codes)
         if deterministic or self.exploration_std == 0:
             return action
-        unit = disc.to_unit(action)
-        noise = torch.randn(unit.shape, device=unit.device, generator=generator) * self.exploration_std
-        bound = 1.0 - 1e-6
-        return disc.decode(disc.encode(disc.from_unit((unit + noise).clamp(-bound, bound))))
+        return gaussian_exploration(disc, action, self.exploration_std, generator)
 
     @torch.no_grad()
     def polyak(self, tau: float) -> None:
