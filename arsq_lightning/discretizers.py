@@ -52,14 +52,25 @@ class Discretizer(nn.Module):
     :meth:`from_unit`.
     """
 
-    levels: int
-    bins: int
-    action_dim: int
+    levels: int  # L (the most levels of any dim)
+    bins: int  # K (the most bins of any dim and level)
+    action_dim: int  # D
+    bins_table: Tensor  # [L, D] bins of dim d at level l (1 once d's own levels are done)
+    bin_mask: Tensor  # [N, K] the bins that exist at each position (level-major i = l * D + d)
+    uniform_grid: bool  # every dim has L levels of K bins (bin_mask is all true)
 
     @property
     def num_positions(self) -> int:
         """``N = L * D``, the length of the auto-regressive sequence."""
         return self.levels * self.action_dim
+
+    def needs_fit(self) -> bool:
+        """Whether the grid still has to be fitted to dataset actions (:meth:`fit`) before training."""
+        return False
+
+    def fit(self, actions: Tensor) -> None:
+        """Fit a data-adaptive grid to env actions ``[n, D]`` (fixed grids have nothing to fit)."""
+        raise NotImplementedError(f"{type(self).__name__} has a fixed grid")
 
     def encode(self, action: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -265,6 +276,9 @@ class QuantileDiscretizer(CoarseToFineDiscretizer):
     def _uniform_edges(self, levels: Tensor) -> Tensor:
         """The uniform map's knots ``[D, knots + 1]``: ``low + level * (high - low)`` for ``levels`` in ``[0, 1]``."""
         return self.low.double().unsqueeze(-1) + levels * (self.high - self.low).double().unsqueeze(-1)
+
+    def needs_fit(self) -> bool:
+        return not bool(self.fitted)
 
     @torch.no_grad()
     def fit(self, actions: Tensor) -> None:

@@ -9,12 +9,12 @@ and optionally ``critic(encoder, discretizer, head)`` (default: ARSQ's :class:`A
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import OptimizerCallable
 from tensordict import TensorDictBase
 from torch import Tensor, nn
@@ -24,6 +24,8 @@ from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.algos.cqn.critic import CQNCritic
 from arsq_lightning.algos.cqn.loss import CQNLoss
+from arsq_lightning.callbacks import DataStatsLogger, FitDiscretizer
+from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.errors import ConfigError
@@ -85,31 +87,18 @@ class ARSQModule(L.LightningModule):
                               f"but model.critic is a {type(self.critic).__name__}")
         self.optimizer_factory = optimizer
         self.tau = tau
-        self.register_buffer("grad_updates", torch.zeros((), dtype=torch.long))
-        self._eval_results: list[tuple[float, float, float, float]] = []  # (episode, return, length, success)
-        self.last_eval_step = -1
+        self._eval_rows: list[Tensor] = []  # evaluated episodes of this rank, each [len(EPISODE_FIELDS)]
+        self.last_eval_step = -1  # the update after which the latest evaluation ran
         self.best_score = float("-inf")
-        self._clock: tuple[float, int, int] | None = None
 
     @torch.no_grad()
     def act(self, obs: Tensor, *, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
         """Env-space actions ``[B, D]`` for observations ``[B, obs_dim]``."""
         return self.critic.act(obs, deterministic=deterministic, generator=generator)
 
-    def setup(self, stage: str) -> None:
-        """Fit a data-adaptive discretizer (one with ``fit``) to the data module's actions, once, before training.
-
-        A resumed run (``ckpt_path``) takes the fitted map from the checkpoint instead, so it never changes mid-run.
-        """
-        disc = self.critic.discretizer
-        resuming = self.trainer.ckpt_path is not None
-        if stage != "fit" or not hasattr(disc, "fit") or bool(disc.fitted) or resuming:
-            return
-        samples = getattr(self.trainer.datamodule, "action_samples", lambda: None)()
-        if samples is None:
-            raise ConfigError(f"model.discretizer {type(disc).__name__} is fitted to dataset actions, but "
-                              f"{type(self.trainer.datamodule).__name__} has none: use a dataset data module")
-        disc.fit(samples.to(disc.low.device))
+    def configure_callbacks(self) -> list[Callback]:
+        """The glue to the data module: counters and rates in the logs, fitting a data-adaptive discretizer."""
+        return [DataStatsLogger(), FitDiscretizer()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.critic.online_parameters())
@@ -123,38 +112,13 @@ class ARSQModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.critic.polyak(self.tau)
-        self.grad_updates += 1
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._log_counters()
 
-    def _log_counters(self) -> None:
-        data = self.trainer.datamodule
-        frames = getattr(data, "frames", 0)
-        updates = int(self.grad_updates)
-        now = time.perf_counter()
-        metrics = {"train/env_frames": float(frames), "train/grad_updates": float(updates)}
-        if self._clock is not None:
-            elapsed = max(now - self._clock[0], 1e-9)
-            metrics["time/fps"] = (frames - self._clock[1]) / elapsed
-            metrics["time/updates_per_s"] = (updates - self._clock[2]) / elapsed
-        if hasattr(data, "phase"):
-            metrics["train/phase_online"] = float(data.phase == "online")
-            metrics["train/relabelled_episodes"] = float(data.relabelled_episodes)
-        returns = getattr(data, "episode_returns", None)
-        if returns:
-            metrics["train/episode_return"] = sum(returns) / len(returns)
-        self._clock = (now, frames, updates)
-        self.log_dict(metrics, prog_bar=False, batch_size=1)
-        if "train/phase_online" in metrics:  # show the phase in the progress bar: 0 offline, 1 online
-            self.log("online", metrics["train/phase_online"], prog_bar=True, logger=False, batch_size=1)
+    # --- evaluation: the loaders yield evaluated episodes, one row [len(EPISODE_FIELDS)] per item ---------------
+    def validation_step(self, row: Tensor, batch_idx: int) -> None:
+        self._eval_rows.append(row)
 
-    # --- evaluation (validation / test loops run one deterministic episode per item) -------------------------------
-    def validation_step(self, episode: int, batch_idx: int) -> None:
-        episode_return, length, success = self.trainer.datamodule.evaluate_episode(self.critic, int(episode))
-        self._eval_results.append((float(episode), episode_return, float(length), success))
-
-    def test_step(self, episode: int, batch_idx: int) -> None:
-        self.validation_step(episode, batch_idx)
+    def test_step(self, row: Tensor, batch_idx: int) -> None:
+        self.validation_step(row, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("eval")
@@ -163,24 +127,18 @@ class ARSQModule(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
-        rows = max(len(self._eval_results), getattr(self.trainer.datamodule.hparams, "eval_episodes", 1))
-        padding = [(-1.0, 0.0, 0.0, 0.0)] * (rows - len(self._eval_results))  # all ranks gather equal shapes
-        local = torch.tensor(self._eval_results + padding, dtype=torch.float64, device=self.device)
-        self._eval_results = []
-        gathered = self.all_gather(local).reshape(-1, 4)  # every rank's (episode, return, length, success)
-        by_episode = {int(e): rest for e, *rest in gathered.tolist() if e >= 0}  # the sampler may repeat episodes
-        returns, lengths, successes = torch.tensor(list(by_episode.values()), dtype=torch.float64).unbind(-1)
-        data = self.trainer.datamodule
-        frames = float(getattr(data, "frames", 0))
-        score = data.normalized_score(float(returns.mean())) if hasattr(data, "normalized_score") else None
-        if score is not None:
+        episodes = self._gather_episodes()  # {field: [episodes]}, every rank's, each episode once
+        returns, successes, scores = episodes["return"], episodes["success"], episodes["normalized_score"]
+        if not scores.isnan().any():
+            score = float(scores.mean())
             self.best_score = max(self.best_score, score)
             self.log(f"{prefix}/normalized_score", score, batch_size=1, prog_bar=True)
             self.log(f"{prefix}/normalized_score_max", self.best_score, batch_size=1)  # the official code logs both
         self.log_dict({f"{prefix}/return_mean": returns.mean().float(),
                        f"{prefix}/return_std": returns.std(unbiased=False).float(),
-                       f"{prefix}/episode_length": lengths.mean().float(),
-                       f"{prefix}/episodes": float(returns.numel()), f"{prefix}/env_frames": frames},
+                       f"{prefix}/episode_length": episodes["length"].mean().float(),
+                       f"{prefix}/episodes": float(returns.numel()),
+                       f"{prefix}/env_frames": episodes["env_frames"].max().float()},
                       prog_bar=False, batch_size=1)  # identical on every rank after the gather
         self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, logger=False)
         if not successes.isnan().any():  # the env reports success (e.g. Meta-World, whatever its reward)
@@ -188,3 +146,16 @@ class ARSQModule(L.LightningModule):
         elif self.hparams.env_spec.success_reward:  # return 1 = success (sparse reward, episode ends on success)
             self.log(f"{prefix}/success_rate", (returns > 0.5).double().mean().float(), prog_bar=True, batch_size=1)
         self.last_eval_step = self.trainer.global_step
+
+    def _gather_episodes(self) -> dict[str, Tensor]:
+        """Every rank's evaluated episodes, by field (:data:`EPISODE_FIELDS`), each episode once (the distributed
+        sampler may give an episode to two ranks)."""
+        width = len(EPISODE_FIELDS)
+        local = torch.stack(self._eval_rows).to(self.device) if self._eval_rows else torch.zeros(0, width)
+        self._eval_rows = []
+        rows = int(self.all_gather(torch.tensor(local.shape[0], device=self.device)).max())
+        padding = torch.full((rows - local.shape[0], width), -1.0, dtype=torch.float64, device=self.device)
+        gathered = self.all_gather(torch.cat([local.double().to(self.device), padding])).reshape(-1, width)
+        by_episode = {int(row[0]): row for row in gathered if row[0] >= 0}
+        table = torch.stack(list(by_episode.values()))  # [episodes, width]
+        return dict(zip(EPISODE_FIELDS, table.unbind(-1)))

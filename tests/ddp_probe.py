@@ -21,7 +21,7 @@ class DumpRankState(Callback):
             "online": torch.cat([p.detach().flatten() for p in critic.head.parameters()]),
             "target": torch.cat([p.detach().flatten() for p in critic.target_head.parameters()]),
             "observations": data.buffer.storage[: len(data.buffer)]["observation"][:50].clone(),
-            "updates": int(pl_module.grad_updates),
+            "updates": trainer.global_step,
             "world_size": trainer.world_size,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from arsq_lightning.data.d4rl import DemoSplit, auto_reward_scale, split_demos
 from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari
-from arsq_lightning.data.online import TRANSITION_KEYS, OnlineDataModule
+from arsq_lightning.data.online import TRANSITION_KEYS, DataStats, OnlineDataModule
 from arsq_lightning.envs.core import dataset_hint
 from arsq_lightning.errors import require
 
@@ -120,6 +121,10 @@ class OfflineToOnlineDataModule(OnlineDataModule):
     def action_samples(self) -> torch.Tensor:
         """The dataset's actions ``[n, D]`` (RL part and demo window), e.g. to fit a data-adaptive discretizer."""
         return torch.cat([self.split.rl["action"], self.split.demo["action"]])
+
+    def stats(self) -> DataStats:
+        """As :meth:`OnlineDataModule.stats`, plus the phase and the relabelled episodes."""
+        return replace(super().stats(), online=self.phase == "online", relabelled_episodes=self.relabelled_episodes)
 
     def _create_buffers(self) -> None:
         hp = self.hparams

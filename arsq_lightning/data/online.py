@@ -3,7 +3,9 @@
 :class:`CollectAndSample` interleaves collection and sampling so that the number of gradient updates follows
 ``utd_ratio`` updates per env frame after ``learning_starts`` frames (the first ``init_random_frames`` are uniform
 random actions). Lightning iterates it as an endless training dataloader; ``trainer.max_steps`` ends the run.
-Evaluation episodes are the validation / test "batches": each item is an episode index, run deterministically.
+Evaluation episodes are the validation / test "batches": the loader's items are episode indices (split over ranks by
+Lightning's sampler), and each one is run deterministically with the module's critic and arrives at the module as
+its result row (:data:`EPISODE_FIELDS`). :meth:`OnlineDataModule.stats` is what callbacks read for logging.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -27,6 +30,22 @@ from arsq_lightning.policy import make_actor
 
 TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"),
                    ("next", "truncated"), ("next", "done"))
+
+
+# One evaluated episode, as the float64 row ``[len(EPISODE_FIELDS)]`` the validation / test loader yields: its index,
+# undiscounted return, length, success (1 / 0, NaN when the env does not report it), D4RL normalised score of the
+# return (NaN for tasks without reference returns) and the env frames collected for training so far.
+EPISODE_FIELDS = ("episode", "return", "length", "success", "normalized_score", "env_frames")
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What the data module reports for logging (see :class:`~arsq_lightning.callbacks.DataStatsLogger`)."""
+
+    env_frames: int  # env frames collected for training (this rank)
+    mean_episode_return: float | None  # of the last finished training episodes (None before the first)
+    online: bool | None = None  # offline-to-online modules: whether the online phase has begun
+    relabelled_episodes: int | None = None  # online episodes added to the demo buffer
 
 
 def _as_is(item):
@@ -187,12 +206,29 @@ class OnlineDataModule(L.LightningDataModule):
         name = task_name(self.hparams.env_id)
         return normalized_score(name, episode_return) if name in D4RL_REFERENCE_RETURNS else None
 
+    def stats(self) -> DataStats:
+        """Counters and recent training returns, for logging."""
+        returns = self.episode_returns
+        return DataStats(env_frames=self.frames, mean_episode_return=sum(returns) / len(returns) if returns else None)
+
+    def action_samples(self) -> torch.Tensor | None:
+        """Dataset actions ``[n, D]`` to fit a data-adaptive discretizer to; ``None``: this module has no dataset."""
+        return None
+
     # --- evaluation -----------------------------------------------------------------------------------------------
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(list(range(self.hparams.eval_episodes)), batch_size=None, collate_fn=_as_is)
+        """Evaluation episodes: each item is an episode index, turned into its result row by running it."""
+        return DataLoader(list(range(self.hparams.eval_episodes)), batch_size=None, collate_fn=self._episode_row)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def _episode_row(self, episode: int) -> torch.Tensor:
+        """Run evaluation episode ``episode`` with the module's critic: its float64 row (:data:`EPISODE_FIELDS`)."""
+        episode_return, length, success = self.evaluate_episode(self.trainer.lightning_module.critic, int(episode))
+        score = self.normalized_score(episode_return)
+        return torch.tensor([episode, episode_return, length, success, math.nan if score is None else score,
+                             self.frames], dtype=torch.float64)
 
     @torch.no_grad()
     def evaluate_episode(self, critic, episode: int) -> tuple[float, int, float]:
