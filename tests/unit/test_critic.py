@@ -244,6 +244,26 @@ def test_stochastic_acting_is_reproducible_with_a_generator():
     assert not torch.equal(first, other)
 
 
+def test_double_q_value_is_the_target_q_of_the_online_greedy_action():
+    """``double_q_value``: ``min_k Q̄_k(s, a*)`` with ``a*`` the online networks' argmax, checked against the
+    per-position reference evaluated on a critic whose online head holds the target weights; never above the soft
+    value ``min_k V̄_k(s)``."""
+    critic = make_critic(2, 2, 3, soft_alpha=0.3)
+    jitter_(critic.target_head)  # target weights differ from the online ones
+    obs = torch.randn(7, OBS_DIM)
+    greedy = make_critic(2, 2, 3, soft_alpha=0.3, jitter=False)
+    greedy.load_state_dict(critic.state_dict())
+    greedy.act_network = "online"
+    a_star = greedy.act(obs, deterministic=True)
+    target_as_online = make_critic(2, 2, 3, soft_alpha=0.3, jitter=False)
+    target_as_online.load_state_dict(critic.state_dict())
+    target_as_online.head.load_state_dict(critic.target_head.state_dict())
+    expected = reference.q_values(target_as_online, obs, a_star)[0].min(0).values
+    value = critic.double_q_value(obs)
+    torch.testing.assert_close(value, expected.to(value.dtype), atol=1e-5, rtol=1e-5)
+    assert bool((value <= critic.target_value(obs) + 1e-6).all())
+
+
 def test_gaussian_exploration_is_the_greedy_action_plus_noise_snapped_to_the_grid():
     """``exploration_std > 0``: exploring acts greedily, then adds N(0, std^2) in the unit box and re-quantises."""
     critic = make_critic(2, 2, 5, soft_alpha=0.1, act_alpha=1.0)

@@ -182,6 +182,21 @@ def test_target_uses_min_of_target_values():
     assert not out["target"].requires_grad
 
 
+def test_double_q_bootstrap_uses_the_target_q_of_the_online_greedy_action():
+    """``bootstrap="double_q"``: y = r + gamma (1 - term) min_k Q̄_k(s', a*), a* greedy under the online networks."""
+    critic = make_critic()
+    batch = make_batch(critic, terminated=[False, True] * 4)
+    out = make_loss("none", bootstrap="double_q")(critic, batch)
+    next_obs = batch["next", "observation"]
+    a_star = critic._decode_with(critic.head, next_obs, None)
+    with torch.no_grad():
+        q_next = critic.evaluate(next_obs, a_star, target=True)[0].min(0).values
+    term = batch["next", "terminated"].reshape(-1).float()
+    y = batch["next", "reward"].reshape(-1) + 0.9 * (1 - term) * q_next
+    torch.testing.assert_close(out["target"], y.mean())
+    assert float(out["target"]) < float(make_loss("none")(critic, batch)["target"])  # below the soft-value target
+
+
 # --- gradients and inputs ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("conservative", ["cql", "margin"])

@@ -75,31 +75,42 @@ class ARSQCritic(nn.Module):
         """Parameters the optimiser trains: encoder and online head (never the target copy)."""
         return [*self.encoder.parameters(), *self.head.parameters()]
 
-    def evaluate(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def evaluate(self, obs: Tensor, action: Tensor, *, target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Q of dataset actions with teacher forcing, all positions in one call.
 
         Args:
             obs: ``[B, ...]`` observations.
             action: ``[B, D]`` env-space actions.
+            target: evaluate with the target head (and the online encoder).
 
         Returns:
             ``q [C, B]``, soft advantages ``[C, B, N, K]`` and the action's codes ``[B, N]`` (level-major).
         """
+        head = self.target_head if target else self.head
         features = self.encoder(obs)
         codes = self.discretizer.encode(action)  # [B, L, D]
-        logits = self.head.advantage_logits(features, self.discretizer.conditioning(codes, self.head.order))
+        logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order))
         if not self.discretizer.uniform_grid:  # dims with fewer bins or levels: their extra bins do not exist
             logits = logits.masked_fill(~self.discretizer.bin_mask, float("-inf"))
         adv = soft_advantages(logits, self.soft_alpha)
         flat_codes = codes.flatten(-2)  # position i = l * D + d
         index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
-        q = self.head.value(features) + adv.gather(-1, index).squeeze(-1).sum(-1)
+        q = head.value(features) + adv.gather(-1, index).squeeze(-1).sum(-1)
         return q, adv, flat_codes
 
     @torch.no_grad()
     def target_value(self, obs: Tensor) -> Tensor:
         """``min_k V̄_k(s)`` with the online encoder and the target head: ``[B, ...] -> [B]``."""
         return self.target_head.value(self.encoder(obs)).min(0).values
+
+    @torch.no_grad()
+    def double_q_value(self, obs: Tensor) -> Tensor:
+        """``min_k Q̄_k(s, a*)``, ``a*`` the online networks' greedy action (double Q-learning): ``[B, ...] -> [B]``.
+
+        ``Q̄_k(s, a*) = V̄_k(s) + sum_i Ā_k,i(a*) <= V̄_k(s)``: the target networks' own greedy choice is not trusted,
+        which removes the upward bias of taking a maximum over noisy advantages at every position."""
+        greedy = self._decode_with(self.head, obs, None)
+        return self.evaluate(obs, greedy, target=True)[0].min(0).values
 
     @torch.no_grad()
     def act(self, obs: Tensor, *, deterministic: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -120,8 +131,10 @@ class ARSQCritic(nn.Module):
         return (_compiled_decode() if self.compile_act else ARSQCritic._decode)(self, obs, noise)
 
     def _decode(self, obs: Tensor, noise: Tensor | None) -> Tensor:
+        return self._decode_with(self.target_head if self.act_network == "target" else self.head, obs, noise)
+
+    def _decode_with(self, head: nn.Module, obs: Tensor, noise: Tensor | None) -> Tensor:
         disc = self.discretizer
-        head = self.target_head if self.act_network == "target" else self.head
         features = self.encoder(obs)
         cache = head.acting_cache(features)
         prefix = torch.zeros(features.shape[0], disc.action_dim, dtype=torch.float64, device=features.device)

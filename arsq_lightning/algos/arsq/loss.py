@@ -77,6 +77,8 @@ class ARSQLoss:
         target_bounds: ``(low, high)``: TD targets are clamped to this range (``None``: not clamped). With rewards
             normalised to unit values (``data.reward_scale auto``) true values stay within about ``[-2, 2]``, and the
             bound stops soft-max backups from inflating values beyond what any policy can reach.
+        bootstrap: the value of the next state in the TD target: ``soft_value`` (ARSQ, §3.3) ``min_k V̄_k(s')``, or
+            ``double_q`` ``min_k Q̄_k(s', a*)`` with ``a*`` the online networks' greedy action (double Q-learning).
 
     The batch is a TensorDict in TorchRL's layout: ``observation``, ``action``, ``("next", "observation")``,
     ``("next", "reward")``, ``("next", "terminated")`` and optionally ``demo``.
@@ -87,7 +89,8 @@ class ARSQLoss:
     def __init__(self, *, gamma: float = 0.99, td_weight: float = 1.0, conservative: Conservative = "none",
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
                  cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo",
-                 target_bounds: tuple[float, float] | None = None):
+                 target_bounds: tuple[float, float] | None = None,
+                 bootstrap: Literal["soft_value", "double_q"] = "soft_value"):
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
         require(cql_temperature > 0, f"cql_temperature must be positive, got {cql_temperature}")
         require(clip_min <= clip_max, f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
@@ -99,6 +102,8 @@ class ARSQLoss:
         require(target_bounds is None or (len(target_bounds) == 2 and target_bounds[0] < target_bounds[1]),
                 f"target_bounds must be [low, high] with low < high, got {target_bounds}")
         self.target_bounds = None if target_bounds is None else (float(target_bounds[0]), float(target_bounds[1]))
+        require(bootstrap in ("soft_value", "double_q"), f"bootstrap must be soft_value or double_q, got {bootstrap!r}")
+        self.bootstrap = bootstrap
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -110,7 +115,10 @@ class ARSQLoss:
         q, adv, codes = critic.evaluate(batch["observation"], batch["action"])
         reward = batch["next", "reward"].reshape(-1).to(q.dtype)
         not_terminal = 1.0 - batch["next", "terminated"].reshape(-1).to(q.dtype)
-        target = reward + self.gamma * not_terminal * critic.target_value(batch["next", "observation"])
+        next_obs = batch["next", "observation"]
+        double_q = self.bootstrap == "double_q"
+        next_value = critic.double_q_value(next_obs) if double_q else critic.target_value(next_obs)
+        target = reward + self.gamma * not_terminal * next_value
         extra = {}
         if self.target_bounds is not None:
             low, high = self.target_bounds
