@@ -21,9 +21,7 @@ from torch import Tensor, nn
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
-from arsq_lightning.algos.arsq.loss import ARSQLoss
-from arsq_lightning.algos.cqn.critic import CQNCritic
-from arsq_lightning.algos.cqn.loss import CQNLoss
+from arsq_lightning.algos.base import Critic, Loss
 from arsq_lightning.callbacks import DataStatsLogger, FitDiscretizer
 from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
@@ -34,7 +32,7 @@ from arsq_lightning.nets.encoders import FlattenEncoder
 EncoderFactory = Callable[[int], nn.Module]
 DiscretizerFactory = Callable[[list, list], Discretizer]
 HeadFactory = Callable[[int, int, int, int], nn.Module]
-CriticFactory = Callable[[nn.Module, Discretizer, nn.Module], nn.Module]
+CriticFactory = Callable[[nn.Module, Discretizer, nn.Module], Critic]
 
 
 def _adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -65,7 +63,7 @@ class ARSQModule(L.LightningModule):
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
                  discretizer: DiscretizerFactory = CoarseToFineDiscretizer, head: HeadFactory = AutoregressiveHead,
                  critic: CriticFactory | None = None, soft_alpha: float = 0.01, act_alpha: float | None = None,
-                 act_network: Literal["online", "target"] = "online", loss: ARSQLoss | CQNLoss | None = None,
+                 act_network: Literal["online", "target"] = "online", loss: Loss | None = None,
                  optimizer: OptimizerCallable = _adam, tau: float = 0.005, compile_act: bool = False):
         super().__init__()
         if env_spec is None:
@@ -81,7 +79,7 @@ class ARSQModule(L.LightningModule):
                                      act_network=act_network, compile_act=compile_act)
         else:
             self.critic = critic(enc, disc, net)
-        self.loss_fn = loss if loss is not None else (CQNLoss() if isinstance(self.critic, CQNCritic) else ARSQLoss())
+        self.loss_fn = loss if loss is not None else self.critic.default_loss()
         if not isinstance(self.critic, self.loss_fn.critic_type):
             raise ConfigError(f"model.loss {type(self.loss_fn).__name__} trains a {self.loss_fn.critic_type.__name__}, "
                               f"but model.critic is a {type(self.critic).__name__}")

@@ -6,12 +6,12 @@ so ``exp(A_i / alpha)`` is the policy's conditional at position ``i`` and ``V`` 
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from arsq_lightning.algos.base import Critic
 from arsq_lightning.discretizers import Discretizer, gaussian_exploration
 from arsq_lightning.errors import require
 
@@ -36,7 +36,7 @@ def soft_advantages(logits: Tensor, alpha: float) -> Tensor:
     return alpha * torch.log_softmax(logits / alpha, dim=-1)
 
 
-class ARSQCritic(nn.Module):
+class ARSQCritic(Critic):
     """Twin auto-regressive soft-Q critic with target networks.
 
     Args:
@@ -58,7 +58,6 @@ class ARSQCritic(nn.Module):
     def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *, soft_alpha: float = 0.01,
                  act_alpha: float | None = None, act_network: Literal["online", "target"] = "online",
                  compile_act: bool = False, exploration_std: float = 0.0):
-        super().__init__()
         act_alpha = soft_alpha if act_alpha is None else act_alpha
         require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
         require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
@@ -66,14 +65,15 @@ class ARSQCritic(nn.Module):
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
         require(hasattr(head, "advantage_logits"), "the ARSQ critic needs an auto-regressive head such as "
                 f"AutoregressiveHead, got {type(head).__name__}: set model.critic to arsq_lightning.CQNCritic for CQN")
-        self.encoder, self.discretizer, self.head = encoder, discretizer, head
-        self.target_head = copy.deepcopy(head).requires_grad_(False)
+        super().__init__(encoder, discretizer, head)
         self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
         self.compile_act, self.exploration_std = compile_act, exploration_std
 
-    def online_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser trains: encoder and online head (never the target copy)."""
-        return [*self.encoder.parameters(), *self.head.parameters()]
+    def default_loss(self):
+        """ARSQ's loss with its defaults (:class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`: TD only)."""
+        from arsq_lightning.algos.arsq.loss import ARSQLoss  # the loss module imports this one
+
+        return ARSQLoss()
 
     def evaluate(self, obs: Tensor, action: Tensor, *, target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Q of dataset actions with teacher forcing, all positions in one call.
@@ -157,8 +157,3 @@ class ARSQCritic(nn.Module):
                 for dim in group:
                     cond[:, dim] = midpoints[:, dim]
         return disc.from_unit(cond)
-
-    @torch.no_grad()
-    def polyak(self, tau: float) -> None:
-        """``target <- tau * online + (1 - tau) * target`` for every head parameter (§3.3 step 7)."""
-        torch._foreach_lerp_(list(self.target_head.parameters()), list(self.head.parameters()), tau)

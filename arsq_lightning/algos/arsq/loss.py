@@ -14,6 +14,7 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.base import Loss
 from arsq_lightning.errors import require
 
 Conservative = Literal["none", "cql", "margin"]
@@ -62,7 +63,7 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
     return (per_sample * demo).sum(-1) / demo.sum().clamp(min=1.0)
 
 
-class ARSQLoss:
+class ARSQLoss(Loss):
     """Soft Bellman + conservative loss of one batch.
 
     Keyword Args:

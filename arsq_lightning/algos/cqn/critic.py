@@ -8,18 +8,18 @@ in. Exploration adds Gaussian noise to the greedy action in unit space and re-qu
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from arsq_lightning.algos.base import Critic
 from arsq_lightning.algos.cqn.head import CQNHead
 from arsq_lightning.discretizers import Discretizer, gaussian_exploration
 from arsq_lightning.errors import require
 
 
-class CQNCritic(nn.Module):
+class CQNCritic(Critic):
     """Coarse-to-fine Q-network with a target copy of the head (the encoder has none, §6.4).
 
     Args:
@@ -36,17 +36,17 @@ class CQNCritic(nn.Module):
     def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *,
                  act_network: Literal["online", "target"] = "online", exploration_std: float = 0.1,
                  tie_tolerance: float = 1e-4):
-        super().__init__()
         require(isinstance(head, CQNHead), f"the CQN critic needs model.head CQNHead, got {type(head).__name__}")
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
         require(exploration_std >= 0, f"exploration_std must be >= 0, got {exploration_std}")
-        self.encoder, self.discretizer, self.head = encoder, discretizer, head
-        self.target_head = copy.deepcopy(head).requires_grad_(False)
+        super().__init__(encoder, discretizer, head)
         self.act_network, self.exploration_std, self.tie_tolerance = act_network, exploration_std, tie_tolerance
 
-    def online_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser trains: encoder and online head."""
-        return [*self.encoder.parameters(), *self.head.parameters()]
+    def default_loss(self):
+        """CQN's loss with its default weights (:class:`~arsq_lightning.algos.cqn.loss.CQNLoss`)."""
+        from arsq_lightning.algos.cqn.loss import CQNLoss  # the loss module imports this one
+
+        return CQNLoss()
 
     def level_conditioning(self, codes: Tensor) -> Tensor:
         """Codes ``[B, L, D]`` -> midpoints of every dim before each level, ``[B, L, D]`` (zeros at level 0)."""
@@ -89,8 +89,3 @@ class CQNCritic(nn.Module):
         if deterministic or self.exploration_std == 0:
             return action
         return gaussian_exploration(disc, action, self.exploration_std, generator)
-
-    @torch.no_grad()
-    def polyak(self, tau: float) -> None:
-        """``target <- tau * online + (1 - tau) * target`` for every head parameter."""
-        torch._foreach_lerp_(list(self.target_head.parameters()), list(self.head.parameters()), tau)

@@ -11,6 +11,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
+from arsq_lightning.algos.base import Loss
 from arsq_lightning.algos.cqn.critic import CQNCritic
 from arsq_lightning.errors import require
 
@@ -73,7 +74,7 @@ def _mean_over_bins(terms: Tensor, valid: Tensor | None) -> Tensor:
     return (terms * valid).sum(dim=(1, 2, 3)) / valid.sum()
 
 
-class CQNLoss:
+class CQNLoss(Loss):
     """CQN's loss of one batch (TorchRL layout as :class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`).
 
     Keyword Args:

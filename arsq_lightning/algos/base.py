@@ -1,0 +1,59 @@
+"""The critic protocol every algorithm implements: what the LightningModule, the losses and the acting policy use.
+
+A critic holds an ``encoder`` (observations -> features ``[B, F]``), a ``discretizer`` (the action grid) and a
+``head`` with its frozen ``target_head`` copy (the encoder has no target copy). The module trains
+:meth:`Critic.online_parameters`, calls :meth:`Critic.polyak` after every update and, without a configured loss,
+uses :meth:`Critic.default_loss`; the actor calls :meth:`Critic.act`. Adding an algorithm is adding a folder under
+``algos/`` with a critic of this kind, its head and its loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from arsq_lightning.discretizers import Discretizer
+
+
+class Critic(nn.Module):
+    """Encoder + discretizer + head, plus a target copy of the head.
+
+    Args:
+        encoder: ``obs [B, ...] -> features [B, F]``, with an ``out_dim`` attribute.
+        discretizer: the action grid.
+        head: the algorithm's value network(s).
+    """
+
+    def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module):
+        super().__init__()
+        self.encoder, self.discretizer, self.head = encoder, discretizer, head
+        self.target_head = copy.deepcopy(head).requires_grad_(False)
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser trains: encoder and online head (never the target copy)."""
+        return [*self.encoder.parameters(), *self.head.parameters()]
+
+    @torch.no_grad()
+    def polyak(self, tau: float) -> None:
+        """``target <- tau * online + (1 - tau) * target`` for every head parameter."""
+        torch._foreach_lerp_(list(self.target_head.parameters()), list(self.head.parameters()), tau)
+
+    def act(self, obs: Tensor, *, deterministic: bool, generator: torch.Generator | None = None) -> Tensor:
+        """Env-space actions ``[B, D]`` for observations ``[B, ...]``: greedy, or exploring."""
+        raise NotImplementedError
+
+    def default_loss(self):
+        """The loss this critic trains with when the config names none."""
+        raise NotImplementedError
+
+
+class Loss:
+    """A training loss: ``loss(critic, batch)`` returns ``loss`` (minimised) and detached diagnostics, all logged as
+    ``train/<name>``. ``critic_type`` is the critic class it trains (the module checks the pair at construction)."""
+
+    critic_type: type[Critic] = Critic
+
+    def __call__(self, critic: Critic, batch) -> dict[str, Tensor]:
+        raise NotImplementedError
