@@ -1,17 +1,19 @@
-"""The glue between the LightningModule and the data module, as Lightning callbacks (the module registers them in
-``configure_callbacks``). Each reads the data module's typed interface only: :meth:`OnlineDataModule.stats` and
-:meth:`OnlineDataModule.action_samples`; data modules of other types are left alone.
+"""Lightning callbacks the module registers in ``configure_callbacks``: the glue to the data module (each reads its
+typed interface only, :meth:`OnlineDataModule.stats` and :meth:`OnlineDataModule.action_samples`; data modules of
+other types are left alone) and the divergence guard.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from arsq_lightning.data.online import OnlineDataModule
-from arsq_lightning.errors import ConfigError
+from arsq_lightning.errors import ConfigError, TrainingDiverged
 
 
 def _data_module(trainer: L.Trainer) -> OnlineDataModule | None:
@@ -65,3 +67,31 @@ class FitDiscretizer(Callback):
             raise ConfigError(f"model.discretizer {type(disc).__name__} is fitted to dataset actions, but "
                               f"{type(trainer.datamodule).__name__} has none: use a dataset data module")
         disc.fit(samples.to(pl_module.device))
+
+
+class DivergenceGuard(Callback):
+    """Stops training in the update where a gradient becomes NaN or infinite (the module checks the loss terms), and
+    on either kind of divergence writes ``diverged-update-<n>.ckpt`` (the weights that met the batch) and
+    ``diverged-update-<n>-batch.pt`` (the batch) next to the run's checkpoints, to reproduce it."""
+
+    def __init__(self):
+        self._batch = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._batch = batch
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        for name, param in pl_module.named_parameters():
+            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                raise TrainingDiverged(f"non-finite gradient of {name} at update {trainer.global_step}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, TrainingDiverged) or self._batch is None:
+            return
+        directory = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None else None
+        directory = directory or trainer.default_root_dir
+        stem = os.path.join(directory, f"diverged-update-{trainer.global_step}")
+        trainer.save_checkpoint(stem + ".ckpt")
+        if trainer.is_global_zero:
+            torch.save(self._batch, stem + "-batch.pt")  # a TensorDict: torch.load(..., weights_only=False)
+        exception.args = (f"{exception.args[0]}; weights and batch saved as {stem}.ckpt and {stem}-batch.pt",)

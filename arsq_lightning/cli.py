@@ -5,6 +5,7 @@
 * ``data.env_spec`` is linked into ``model.env_spec`` at instantiation: sizes come from the env, not the YAML.
 * MLflow is the default logger, on a local SQLite store (``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``);
   the resolved config is logged as an artifact, checkpoints at the end of ``fit``.
+* Checkpoints are written atomically (:class:`~arsq_lightning.checkpoint_io.AtomicCheckpointIO`).
 * Bad settings raise :class:`~arsq_lightning.errors.ConfigError`, printed as one line.
 """
 
@@ -15,14 +16,17 @@ import os
 import sys
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from arsq_lightning.checkpoint_io import AtomicCheckpointIO
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 from arsq_lightning.data.online import OnlineDataModule
-from arsq_lightning.errors import ConfigError
+from arsq_lightning.errors import ConfigError, TrainingDiverged
 from arsq_lightning.module import ARSQModule
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -49,6 +53,13 @@ class ArsqCLI(LightningCLI):
         # Keep the newest checkpoint of every evaluation (Lightning 2.6 refreshes last.ckpt only when a top-k
         # checkpoint is written, so monitoring the return would leave last.ckpt stale).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The trainer, writing checkpoints atomically unless a custom checkpoint writer was configured."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -132,6 +143,9 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message."""
     try:
         build_cli(args)
+    except TrainingDiverged as exc:
+        print(f"arsq: error: training diverged: {exc}", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is a configuration error
         err = _config_error_in(exc)
         if err is None:

@@ -1,10 +1,15 @@
-"""The one exception type the CLI turns into a one-line message instead of a traceback."""
+"""The exceptions the CLI turns into a one-line message instead of a traceback."""
 
 from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """A bad setting or bad data, explained in one line (the CLI prints ``arsq: error: <message>``)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term or gradient became NaN or infinite; the message names the update and the term (the CLI prints
+    ``arsq: error: <message>`` and exits with status 1)."""
 
 
 def require(condition: bool, message: str) -> None:

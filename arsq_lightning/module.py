@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.base import Critic, Loss
-from arsq_lightning.callbacks import DataStatsLogger, FitDiscretizer
+from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer
 from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.envs.core import EnvSpec
-from arsq_lightning.errors import ConfigError
+from arsq_lightning.errors import ConfigError, TrainingDiverged
 from arsq_lightning.nets.encoders import FlattenEncoder
 
 EncoderFactory = Callable[[int], nn.Module]
@@ -95,8 +95,8 @@ class ARSQModule(L.LightningModule):
         return self.critic.act(obs, deterministic=deterministic, generator=generator)
 
     def configure_callbacks(self) -> list[Callback]:
-        """The glue to the data module: counters and rates in the logs, fitting a data-adaptive discretizer."""
-        return [DataStatsLogger(), FitDiscretizer()]
+        """Counters and rates in the logs, fitting a data-adaptive discretizer, stopping on divergence."""
+        return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.critic.online_parameters())
@@ -104,6 +104,10 @@ class ARSQModule(L.LightningModule):
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
         out = self.loss_fn(self.critic, batch)
+        bad = [name for name, value in out.items() if not bool(torch.isfinite(value).all())]
+        if bad:  # stop before the optimiser step, so the weights stay those that met this batch
+            raise TrainingDiverged(f"non-finite {', '.join('train/' + name for name in bad)} at update "
+                                   f"{self.trainer.global_step}")
         size = batch.shape[0]
         self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=size, prog_bar=False)
         return out["loss"]

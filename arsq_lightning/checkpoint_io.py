@@ -1,0 +1,40 @@
+"""Atomic local checkpoints: a half-written file is never visible under the checkpoint's name.
+
+Lightning's default writer goes through an fsspec transaction whose temporary file lives in ``TMPDIR``; when that is on
+another filesystem the final move is a copy, and a kill during it leaves a truncated ``last.ckpt``. Here the
+checkpoint is written to a temporary file in the target directory, flushed to disk (``fsync``) and renamed over the
+target (``os.replace``, atomic within one filesystem). Remote paths (``s3://`` ...) keep Lightning's writer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`TorchCheckpointIO` whose local writes are atomic (see module doc)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = str(path)
+        if "://" in path and not path.startswith("file://"):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = path.removeprefix("file://")
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(handle, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
