@@ -6,6 +6,8 @@ other types are left alone) and the divergence guard.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import lightning as L
@@ -95,3 +97,49 @@ class DivergenceGuard(Callback):
         if trainer.is_global_zero:
             torch.save(self._batch, stem + "-batch.pt")  # a TensorDict: torch.load(..., weights_only=False)
         exception.args = (f"{exception.args[0]}; weights and batch saved as {stem}.ckpt and {stem}-batch.pt",)
+
+
+class Preemption(Callback):
+    """SIGTERM or SIGINT end the run after the update in progress, with a checkpoint to resume from.
+
+    Lightning stops at the end of the update after a SIGTERM; this makes SIGINT (Ctrl+C) do the same instead of
+    interrupting mid-update, and on either writes ``last.ckpt`` (atomically) before the loggers close. The CLI then
+    marks the MLflow run KILLED, prints the resume command and exits with 128 + the signal number.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None  # the signal that stopped the run
+        self.checkpoint: str | None = None  # the checkpoint written then
+        self._previous_sigint = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signal, self.checkpoint = None, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, lambda signum, frame: self._stop(trainer, signum))
+            previous_sigterm = signal.getsignal(signal.SIGTERM)  # Lightning's own handler, which sets the flag
+
+            def on_sigterm(signum, frame):
+                self.signal = signum
+                if callable(previous_sigterm):
+                    previous_sigterm(signum, frame)
+
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _stop(self, trainer: L.Trainer, signum: int) -> None:
+        self.signal = signum
+        trainer._signal_connector.received_sigterm = True  # Lightning's "stop after this update"
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if self.signal is None or trainer.checkpoint_callback is None or trainer.checkpoint_callback.dirpath is None:
+            return
+        self.checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
+        trainer.save_checkpoint(self.checkpoint)
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 
 import torch
@@ -22,11 +24,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from arsq_lightning.callbacks import Preemption
 from arsq_lightning.checkpoint_io import AtomicCheckpointIO
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 from arsq_lightning.data.online import OnlineDataModule
-from arsq_lightning.errors import ConfigError, TrainingDiverged
+from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged
 from arsq_lightning.module import ARSQModule
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -64,6 +68,18 @@ class ArsqCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
+
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit``; a SIGTERM / SIGINT ends it with the MLflow run KILLED and :class:`Preempted` raised."""
+        try:
+            self.trainer.fit(**kwargs)
+        except SIGTERMException:
+            preemption = next(c for c in self.trainer.callbacks if isinstance(c, Preemption))
+            for logger in self.trainer.loggers:
+                if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
+                    logger.experiment.set_terminated(logger.run_id, "KILLED")
+            raise Preempted(preemption.signal or signal.SIGTERM, self.trainer.global_step,
+                            preemption.checkpoint) from None
 
     def after_fit(self) -> None:
         """Evaluate (and checkpoint) the final weights if the last in-fit evaluation came before the last update."""
@@ -139,10 +155,28 @@ def _config_error_in(exc: BaseException) -> BaseException | None:
     return None
 
 
+def _with_ckpt_path(args: list[str] | None, checkpoint: str) -> list[str]:
+    """The command-line arguments with ``--ckpt_path`` set to ``checkpoint`` (any earlier one dropped)."""
+    args, kept, skip = list(sys.argv[1:] if args is None else args), [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return [*kept, "--ckpt_path", checkpoint]
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message."""
     try:
         build_cli(args)
+    except Preempted as exc:
+        print(f"arsq: {exc}", file=sys.stderr)
+        if exc.checkpoint is not None:
+            print("arsq: resume with: " + shlex.join(["arsq", *_with_ckpt_path(args, exc.checkpoint)]), file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except TrainingDiverged as exc:
         print(f"arsq: error: training diverged: {exc}", file=sys.stderr)
         sys.exit(1)

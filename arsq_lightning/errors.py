@@ -12,6 +12,14 @@ class TrainingDiverged(RuntimeError):
     ``arsq: error: <message>`` and exits with status 1)."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM / SIGINT stopped ``fit`` after an update; ``checkpoint`` (or ``None``) resumes it."""
+
+    def __init__(self, signum: int, update: int, checkpoint: str | None):
+        super().__init__(f"stopped by signal {signum} after update {update}")
+        self.signum, self.update, self.checkpoint = signum, update, checkpoint
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:

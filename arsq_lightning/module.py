@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.base import Critic, Loss
-from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer
+from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer, Preemption
 from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.envs.core import EnvSpec
@@ -95,8 +95,9 @@ class ARSQModule(L.LightningModule):
         return self.critic.act(obs, deterministic=deterministic, generator=generator)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Counters and rates in the logs, fitting a data-adaptive discretizer, stopping on divergence."""
-        return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard()]
+        """Counters and rates in the logs, fitting a data-adaptive discretizer, stopping on divergence, ending cleanly
+        on SIGTERM / SIGINT."""
+        return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard(), Preemption()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.critic.online_parameters())
