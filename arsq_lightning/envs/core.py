@@ -5,8 +5,8 @@ a step counter (and optional time limit), and the running episode return ``episo
 sizes linked from the data module into the model by the CLI, so they are never typed in YAML.
 
 Ids of the form ``suite:name`` (``metaworld:reach-v3``, ``dmc:cheetah-run``, ``rlbench:reach_target``) go to the
-suite's own module ``arsq_lightning.envs.<suite>``, imported only when used, which provides
-``make_base_env(name, *, seed, max_episode_steps, **kwargs) -> EnvBase`` and ``env_spec_of(name, **kwargs)``.
+suite's own module ``arsq_lightning.envs.<suite>`` (:data:`SUITES`), imported only when used, which implements
+the :class:`Suite` protocol: ``make_base_env``, ``env_spec_of`` and ``missing_dataset_hint``.
 A suite env's ``observation`` is a flat float vector or a nested TensorDict (e.g. ``pixels`` uint8 + ``proprio``),
 described by ``EnvSpec.observation_shapes``.
 
@@ -22,11 +22,22 @@ import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
 import torch
-from torchrl.envs import CatFrames, Compose, DoubleToFloat, GymEnv, RewardSum, StepCounter, Transform, TransformedEnv
+from torchrl.envs import (
+    CatFrames,
+    Compose,
+    DoubleToFloat,
+    EnvBase,
+    GymEnv,
+    RewardSum,
+    StepCounter,
+    Transform,
+    TransformedEnv,
+)
 
 from arsq_lightning.errors import ConfigError
 
@@ -124,7 +135,22 @@ def env_spec_of(env_id: str, **env_kwargs) -> EnvSpec:
                    action_high=act_space.high.astype(float).tolist())
 
 
-SUITES = ("metaworld", "dmc", "rlbench")
+class Suite(Protocol):
+    """A family of ``suite:name`` envs: a module under ``arsq_lightning.envs`` with these three functions."""
+
+    def make_base_env(self, name: str, *, seed: int = 0, max_episode_steps: int | None = None, **kwargs) -> EnvBase:
+        """The TorchRL env of task ``name`` (``make_env`` adds the common transforms)."""
+
+    def env_spec_of(self, name: str, **kwargs) -> EnvSpec:
+        """Its sizes, without starting a simulator when the suite can avoid it."""
+
+    def missing_dataset_hint(self, name: str, path: str, **kwargs) -> str:
+        """How to make a missing dataset file at ``path`` for the task, or ``""``."""
+
+
+# Each suite's module, imported only when one of its ids is used (their simulators are optional dependencies).
+SUITES = {"metaworld": "arsq_lightning.envs.metaworld", "dmc": "arsq_lightning.envs.dmc",
+          "rlbench": "arsq_lightning.envs.rlbench"}
 PIXELS_KEY = "pixels"
 
 
@@ -169,8 +195,8 @@ def frame_stack_transforms(keys: list[str], frame_stack: int) -> list[Transform]
 
 def dataset_hint(env_id: str, path: str, **env_kwargs) -> str:
     """How to make a missing dataset file for this env (the suite's ``missing_dataset_hint``), or ``""``."""
-    hint = getattr(_suite(env_id), "missing_dataset_hint", None)
-    return "" if hint is None else hint(env_id.partition(":")[2], path, **env_kwargs)
+    suite = _suite(env_id)
+    return "" if suite is None else suite.missing_dataset_hint(env_id.partition(":")[2], path, **env_kwargs)
 
 
 def nested_obs_dim(shapes: dict[str, list[int]]) -> int:
@@ -178,7 +204,7 @@ def nested_obs_dim(shapes: dict[str, list[int]]) -> int:
     return sum(math.prod(shape) for shape in shapes.values())
 
 
-def _suite(env_id: str):
+def _suite(env_id: str) -> Suite | None:
     """The suite module for ``suite:name`` ids, ``None`` for gymnasium ids."""
     prefix, colon, _ = env_id.partition(":")
     if not colon:
@@ -186,7 +212,7 @@ def _suite(env_id: str):
     if prefix not in SUITES:
         raise ConfigError(f"unknown env suite {prefix!r} in {env_id!r}: use a gymnasium id or one of "
                           + ", ".join(f"{name}:<task>" for name in SUITES))
-    return importlib.import_module(f"arsq_lightning.envs.{prefix}")
+    return importlib.import_module(SUITES[prefix])
 
 
 def stack_frames(frames: torch.Tensor, frame_stack: int, *, pixels: bool) -> torch.Tensor:

@@ -109,6 +109,11 @@ def _check(observation: str, image_size, action_repeat) -> tuple[int, int]:
     return image_size, action_repeat
 
 
+def missing_dataset_hint(name: str, path: str, **kwargs) -> str:
+    """No recipe to make a missing dataset for this suite: the error names the file only."""
+    return ""
+
+
 def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = None, observation: str = "state",
                   image_size: int = 84, action_repeat: int = 1, camera_id: int | None = None):
     """A TorchRL env for ``dmc:<name>`` with ``observation`` flat (state) or nested ``{pixels}`` (see module doc)."""
