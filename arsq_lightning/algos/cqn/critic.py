@@ -19,6 +19,12 @@ from arsq_lightning.discretizers import Discretizer, gaussian_exploration
 from arsq_lightning.errors import require
 
 
+def at_bins(values: Tensor, codes: Tensor) -> Tensor:
+    """Each (level, dim)'s atoms at its bin: ``[B, L, D, K, A], [B, L, D] -> [B, L, D, A]``."""
+    index = codes[..., None, None].expand(*codes.shape, 1, values.shape[-1])
+    return values.gather(-2, index).squeeze(-2)
+
+
 class CQNCritic(Critic):
     """Coarse-to-fine Q-network with a target copy of the head (the encoder has none, §6.4).
 
@@ -58,6 +64,20 @@ class CQNCritic(Critic):
         """Atom logits of every (level, dim, bin) along the path of ``codes`` ``[B, L, D]``: ``[B, L, D, K, A]``."""
         head = self.target_head if target else self.head
         return head.all_logits(features, self.level_conditioning(codes))
+
+    def evaluate(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        """Atom logits of every (level, dim, bin) along the path of the data action ``[B, L, D, K, A]``, and the
+        action's codes ``[B, L, D]``."""
+        codes = self.discretizer.encode(action)
+        return self.logits(self.encoder(obs), codes), codes
+
+    @torch.no_grad()
+    def target_logits(self, obs: Tensor) -> Tensor:
+        """Double Q-learning's next-state distribution per (level, dim) ``[B, L, D, A]``: the target head's atom
+        logits at the bins the online networks choose greedily (§6.4)."""
+        features = self.encoder(obs)
+        best = self.greedy_codes(features)
+        return at_bins(self.logits(features, best, target=True), best)
 
     def greedy_codes(self, features: Tensor, *, target: bool = False,
                      generator: torch.Generator | None = None) -> Tensor:

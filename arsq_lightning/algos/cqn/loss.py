@@ -12,7 +12,7 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from arsq_lightning.algos.base import Loss
-from arsq_lightning.algos.cqn.critic import CQNCritic
+from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.errors import require
 
 
@@ -40,12 +40,6 @@ def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support
     projected.scatter_add_(-1, lower.long(), next_probs * (1.0 - upper_share))
     projected.scatter_add_(-1, lower.long() + 1, next_probs * upper_share)
     return projected
-
-
-def at_bins(values: Tensor, codes: Tensor) -> Tensor:
-    """Each (level, dim)'s atoms at its bin: ``[B, L, D, K, A], [B, L, D] -> [B, L, D, A]``."""
-    index = codes[..., None, None].expand(*codes.shape, 1, values.shape[-1])
-    return values.gather(-2, index).squeeze(-2)
 
 
 def fosd_penalty(logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -106,9 +100,7 @@ class CQNLoss(Loss):
         head = critic.head
         require(head.atoms > 1 or self.fosd_weight == 0,
                 "model.loss fosd_weight needs a distributional head (atoms > 1)")
-        features = critic.encoder(batch["observation"])
-        codes = critic.discretizer.encode(batch["action"])  # [B, L, D]
-        logits = critic.logits(features, codes)  # [B, L, D, K, A]
+        logits, codes = critic.evaluate(batch["observation"], batch["action"])  # [B, L, D, K, A], [B, L, D]
         data_logits = at_bins(logits, codes)  # [B, L, D, A]
         reward = batch["next", "reward"].reshape(-1).to(logits.dtype)
         discount = self.gamma * (1.0 - batch["next", "terminated"].reshape(-1).to(logits.dtype))
@@ -134,10 +126,7 @@ class CQNLoss(Loss):
     def _target(self, critic: CQNCritic, next_obs, reward: Tensor, discount: Tensor) -> tuple[Tensor, Tensor]:
         """Double-Q target per (level, dim): online greedy ``a'*``, target head's distribution at ``a'*`` (§6.4);
         and the share of expected targets outside the support (0 without atoms)."""
-        features = critic.encoder(next_obs)
-        best = critic.greedy_codes(features)  # online networks choose
-        logits = critic.logits(features, best, target=True)
-        chosen = at_bins(logits, best)  # [B, L, D, A]
+        chosen = critic.target_logits(next_obs)  # [B, L, D, A]
         if critic.head.atoms == 1:
             return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen, torch.zeros((), device=reward.device)
         support, probs = critic.head.support, chosen.softmax(-1)
