@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import zipfile
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -30,7 +31,7 @@ from arsq_lightning.callbacks import Preemption
 from arsq_lightning.checkpoint_io import AtomicCheckpointIO
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 from arsq_lightning.data.online import OnlineDataModule
-from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged
+from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
 from arsq_lightning.module import ARSQModule
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -68,6 +69,15 @@ class ArsqCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
+        check_budget(config.trainer.max_steps, config.trainer.val_check_interval)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` first: Lightning reads the checkpoint's hyperparameters here, before any hook."""
+        if self.config.get("subcommand"):
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            if path not in (None, "last", "best", "hpc", "registry"):
+                check_checkpoint(path)
+        super()._parse_ckpt_path()
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a SIGTERM / SIGINT ends it with the MLflow run KILLED and :class:`Preempted` raised."""
@@ -120,6 +130,31 @@ class ArsqCLI(LightningCLI):
                              f"in {logger._tracking_uri}")
                 lines.append(f"open it with: mlflow ui --backend-store-uri {logger._tracking_uri}")
         print("\n".join(lines), flush=True)
+
+
+def check_budget(max_steps: int, val_check_interval: int | float | None) -> None:
+    """One-line errors for budgets Lightning would accept and then fail on (or loop forever with)."""
+    require(max_steps is not None and max_steps >= 1,
+            f"trainer.max_steps must be >= 1 (gradient updates; the training stream never ends), got {max_steps}")
+    if isinstance(val_check_interval, float):
+        require(0.0 < val_check_interval <= 1.0,
+                f"trainer.val_check_interval as a fraction must lie in (0, 1], got {val_check_interval}")
+    elif val_check_interval is not None:
+        require(val_check_interval >= 1, f"trainer.val_check_interval must be >= 1 update, got {val_check_interval}")
+
+
+def check_checkpoint(path: str) -> None:
+    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint."""
+    require(os.path.isfile(path), f"--ckpt_path {path}: no such file")
+    require(zipfile.is_zipfile(path), f"--ckpt_path {path}: not a complete checkpoint file (truncated, or not saved "
+            "by torch.save)")
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
+        raise ConfigError(f"--ckpt_path {path}: cannot be read as a checkpoint ({err})") from None
+    keys = set(saved) if isinstance(saved, dict) else {type(saved).__name__}
+    require({"state_dict", "global_step"} <= keys, f"--ckpt_path {path}: not a Lightning checkpoint of this project "
+            f"(it holds {sorted(keys)[:5]})")
 
 
 def _trainer_defaults() -> dict:

@@ -100,7 +100,10 @@ class ARSQModule(L.LightningModule):
         return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard(), Preemption()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.critic.online_parameters())
+        try:
+            return self.optimizer_factory(self.critic.online_parameters())
+        except ValueError as err:  # torch's own checks, e.g. "Invalid learning rate: -0.1"
+            raise ConfigError(f"model.optimizer: {err}") from None
 
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:

@@ -144,3 +144,35 @@ def test_bad_yaml_key_fails_with_one_line(monkeypatch, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "soft_alpah" in err.splitlines()[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--trainer.max_steps", "-5"], "trainer.max_steps must be >= 1"),
+    (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be >= 1 update"),
+    (["--model.optimizer.init_args.lr", "-0.1"], "model.optimizer: Invalid learning rate: -0.1"),
+])
+def test_bad_budgets_and_optimiser_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), *TINY, *override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
+    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("kind,message", [("missing", "no such file"), ("truncated", "not a complete checkpoint"),
+                                          ("other", "not a Lightning checkpoint")])
+def test_bad_checkpoint_paths_fail_with_one_line(kind, message, monkeypatch, tmp_path, capsys):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    path = tmp_path / "model.ckpt"
+    if kind != "missing":
+        torch.save({"weights": torch.zeros(1000)}, path)
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), *TINY, "--ckpt_path", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
+    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
