@@ -15,7 +15,10 @@ import argparse
 import os
 import shlex
 import signal
+import socket
 import sys
+import tempfile
+import urllib.parse
 import zipfile
 
 import torch
@@ -70,6 +73,10 @@ class ArsqCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
         check_budget(config.trainer.max_steps, config.trainer.val_check_interval)
+        check_writable(config.trainer.default_root_dir or ".", "trainer.default_root_dir")
+        logger = config.trainer.logger
+        if logger and not isinstance(logger, (list, bool)) and str(logger.class_path).endswith("MLFlowLogger"):
+            check_tracking_uri(logger.init_args.tracking_uri)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: Lightning reads the checkpoint's hyperparameters here, before any hook."""
@@ -141,6 +148,33 @@ def check_budget(max_steps: int, val_check_interval: int | float | None) -> None
                 f"trainer.val_check_interval as a fraction must lie in (0, 1], got {val_check_interval}")
     elif val_check_interval is not None:
         require(val_check_interval >= 1, f"trainer.val_check_interval must be >= 1 update, got {val_check_interval}")
+
+
+def check_writable(directory: str, what: str) -> None:
+    """One line if ``directory`` cannot be created or written (instead of retries and a long traceback later)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot write to {directory} ({err.strerror})") from None
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """One line, within seconds, for an MLflow store that cannot be written or a server that does not answer."""
+    uri = uri or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        check_writable(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))), f"MLflow store {uri}")
+    elif uri.startswith(("http://", "https://")):
+        parsed = urllib.parse.urlparse(uri)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=5).close()
+        except OSError as err:
+            raise ConfigError(f"MLflow tracking server {uri} does not answer ({err}); start it, or use a local "
+                              "store: MLFLOW_TRACKING_URI=sqlite:///mlflow.db") from None
+    elif "://" not in uri or uri.startswith("file://"):
+        check_writable(uri.removeprefix("file://"), "MLflow store")
 
 
 def check_checkpoint(path: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import yaml
@@ -173,6 +175,29 @@ def test_bad_checkpoint_paths_fail_with_one_line(kind, message, monkeypatch, tmp
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(QUICKSTART), *TINY, "--ckpt_path", str(path)])
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
+    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("where,message", [
+    ("root_dir", "trainer.default_root_dir: cannot write to"),
+    ("sqlite", "MLflow store sqlite:///"),
+    ("http", "MLflow tracking server http://127.0.0.1:9 does not answer"),
+])
+def test_unusable_output_places_fail_within_seconds_with_one_line(where, message, monkeypatch, tmp_path, capsys):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    override = {"root_dir": ["--trainer.default_root_dir", str(blocker / "runs")]}.get(where, [])
+    if where == "sqlite":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
+    if where == "http":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), *TINY, *override])
+    assert exit_info.value.code == 2 and time.monotonic() - start < 60
     err = capsys.readouterr().err
     first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
     assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
