@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shlex
 import signal
@@ -77,6 +78,7 @@ class ArsqCLI(LightningCLI):
         logger = config.trainer.logger
         if logger and not isinstance(logger, (list, bool)) and str(logger.class_path).endswith("MLFlowLogger"):
             check_tracking_uri(logger.init_args.tracking_uri)
+            prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: Lightning reads the checkpoint's hyperparameters here, before any hook."""
@@ -175,6 +177,21 @@ def check_tracking_uri(uri: str | None) -> None:
                               "store: MLFLOW_TRACKING_URI=sqlite:///mlflow.db") from None
     elif "://" not in uri or uri.startswith("file://"):
         check_writable(uri.removeprefix("file://"), "MLflow store")
+
+
+def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
+    """Create a local SQLite store's tables and the experiment once, under a file lock, so that runs started together
+    in a fresh folder do not race to create them (MLflow's own set-up is not safe against that)."""
+    uri = uri or DEFAULT_TRACKING_URI
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    with open(os.path.abspath(uri.removeprefix("sqlite:///")) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment)
 
 
 def check_checkpoint(path: str) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -201,3 +205,18 @@ def test_unusable_output_places_fail_within_seconds_with_one_line(where, message
     err = capsys.readouterr().err
     first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
     assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+
+
+def test_runs_started_together_in_a_fresh_folder_share_one_store(tmp_path):
+    """Three runs started at once create the SQLite store and the experiment without racing (they used to crash
+    with 'table experiments already exists')."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    args = ["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
+    runs = [subprocess.Popen([sys.executable, "-m", "arsq_lightning.cli", *args, "--seed_everything", str(seed)],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for seed in range(3)]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], errors
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("arsq")
+    assert len(client.search_runs([experiment.experiment_id])) == 3
