@@ -23,6 +23,7 @@ import urllib.parse
 import zipfile
 
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -86,12 +87,33 @@ class ArsqCLI(LightningCLI):
             path = self.config[self.config.subcommand].get("ckpt_path")
             if path not in (None, "last", "best", "hpc", "registry"):
                 check_checkpoint(path)
+                self._check_model_matches(path)
         super()._parse_ckpt_path()
+
+    def _check_model_matches(self, path: str) -> None:
+        """Lightning replaces the model settings with the checkpoint's on resume; stop instead of silently ignoring
+        the ones that differ (trainer and data settings, e.g. the budget, may change)."""
+        saved = torch.load(path, weights_only=False, map_location="cpu", mmap=True).get("hyper_parameters", {})
+        given = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[self.config.subcommand]["model"]
+        ignored = {"_instantiator", "env_spec", "_class_path"}
+        ours = _flatten({k: v for k, v in given.items() if k not in ignored})
+        theirs = _flatten(yaml.safe_load(yaml.safe_dump(
+            {k: v for k, v in saved.items() if k not in ignored}, default_flow_style=False)))
+        differ = sorted(key for key in ours.keys() & theirs.keys() if ours[key] != theirs[key])
+        missing = sorted(ours.keys() ^ theirs.keys())
+        require(not differ and not missing, f"--ckpt_path {path} was trained with other model settings: "
+                + ", ".join(f"model.{key} ({theirs.get(key)!r} there, {ours.get(key)!r} here)"
+                            for key in (differ + missing)[:6]) + ("" if len(differ + missing) <= 6 else ", ..."))
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a SIGTERM / SIGINT ends it with the MLflow run KILLED and :class:`Preempted` raised."""
         try:
             self.trainer.fit(**kwargs)
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):
+                raise
+            raise ConfigError(f"--ckpt_path {kwargs.get('ckpt_path')}: its networks do not fit this config's env "
+                              f"(e.g. other observation or action sizes): {str(err).splitlines()[1].strip()}") from None
         except SIGTERMException:
             preemption = next(c for c in self.trainer.callbacks if isinstance(c, Preemption))
             for logger in self.trainer.loggers:
@@ -239,6 +261,13 @@ def _config_error_in(exc: BaseException) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    """Nested dicts as ``{"a.b.c": value}`` (lists and tuples as lists)."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
 def _with_ckpt_path(args: list[str] | None, checkpoint: str) -> list[str]:

@@ -220,3 +220,19 @@ def test_runs_started_together_in_a_fresh_folder_share_one_store(tmp_path):
     client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("arsq")
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_a_resume_with_other_model_settings_or_another_env_fails_with_one_line(monkeypatch, tmp_path, capsys):
+    """Lightning would silently train the checkpoint's model settings; a checkpoint of other sizes would end in a
+    size-mismatch traceback. Both are one line naming what differs; budget changes stay allowed (previous test)."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    ckpt = build_cli(["fit", "--config", str(QUICKSTART), *TINY]).trainer.checkpoint_callback.last_model_path
+    cases = [(["--model.discretizer.init_args.levels", "2"], "model.discretizer.init_args.levels (3 there, 2 here)"),
+             (["--data.env_id", "MountainCarContinuous-v0"], "its networks do not fit this config's env")]
+    for override, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(QUICKSTART), *TINY, *override, "--ckpt_path", ckpt])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
+        assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
