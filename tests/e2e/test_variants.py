@@ -46,9 +46,13 @@ def test_quantile_discretizer_is_fitted_to_the_dataset_once_and_resumed(monkeypa
     uniform = QuantileDiscretizer(disc.low, disc.high, levels=3, bins=5, knots=64, uniform_mix=0.1).edges
     assert not torch.allclose(disc.edges, uniform)
     ckpt = first.trainer.checkpoint_callback.last_model_path
-    # a different mix would fit other edges: the resumed run must take the checkpoint's, not refit
-    resumed = build_cli([*args, "--trainer.max_steps", "40", "--ckpt_path", ckpt,
-                         "--model.discretizer.init_args.uniform_mix", "0.5"])
+    # other data would fit other edges: the resumed run must take the checkpoint's, not refit (changing a model
+    # setting such as uniform_mix is refused on resume, so the data is what changes here)
+    other = write_random_dataset("Reacher-v5", tmp_path / "other.hdf5", steps=120)
+    refit = QuantileDiscretizer(disc.low, disc.high, levels=3, bins=5, knots=64, uniform_mix=0.1)
+    resumed = build_cli([*args, "--trainer.max_steps", "40", "--ckpt_path", ckpt, "--data.dataset", str(other)])
+    refit.fit(resumed.datamodule.action_samples())
+    assert not torch.allclose(refit.edges, disc.edges)  # a refit would have moved them
     assert torch.equal(resumed.model.critic.discretizer.edges, disc.edges)
 
 
