@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import urllib.parse
 import zipfile
 
@@ -80,6 +81,8 @@ class ArsqCLI(LightningCLI):
         if logger and not isinstance(logger, (list, bool)) and str(logger.class_path).endswith("MLFlowLogger"):
             check_tracking_uri(logger.init_args.tracking_uri)
             prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
+            if not logger.init_args.get("run_name"):  # MLflow's generator is seeded: every seed-0 run got one name
+                logger.init_args.run_name = default_run_name(config)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: Lightning reads the checkpoint's hyperparameters here, before any hook."""
@@ -161,6 +164,13 @@ class ArsqCLI(LightningCLI):
                              f"in {logger._tracking_uri}")
                 lines.append(f"open it with: mlflow ui --backend-store-uri {logger._tracking_uri}")
         print("\n".join(lines), flush=True)
+
+
+def default_run_name(config) -> str:
+    """``<first config file>-s<seed>-<date-time>``, e.g. ``quickstart-s0-20261202-091500``."""
+    files = config.get("config") or []
+    stem = os.path.splitext(os.path.basename(str(files[0])))[0] if files else "arsq"
+    return f"{stem}-s{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_budget(max_steps: int, val_check_interval: int | float | None) -> None:

@@ -76,6 +76,7 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
                 "train/grad_updates", "time/fps", "time/updates_per_s"):
         assert key in run.data.metrics, key
     assert run.data.metrics["eval/episodes"] == 2
+    assert run.info.run_name.startswith("quickstart-s0-")  # <config>-s<seed>-<time>, not MLflow's seeded name
     assert run.data.params["soft_alpha"] == "0.01"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "last" in artifacts
