@@ -65,6 +65,11 @@ class ArsqCLI(LightningCLI):
         # checkpoint is written, so monitoring the return would leave last.ckpt stale).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (``predict`` is not offered: acting is ``ARSQModule.act``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The trainer, writing checkpoints atomically unless a custom checkpoint writer was configured."""
         trainer = super().instantiate_trainer(**kwargs)

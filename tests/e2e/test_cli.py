@@ -237,3 +237,13 @@ def test_a_resume_with_other_model_settings_or_another_env_fails_with_one_line(m
         err = capsys.readouterr().err
         first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
         assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+
+
+def test_predict_is_not_offered(capsys):
+    """Lightning's ``predict`` needs a ``forward`` the module does not have: the CLI does not list or accept it."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "predict" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(QUICKSTART)])
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
