@@ -81,6 +81,8 @@ class ArsqCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
         check_budget(config.trainer.max_steps, config.trainer.val_check_interval)
+        if config.data.init_args.get("seed") is None:  # one seed drives everything unless data.seed is given
+            config.data.init_args.seed = int(config.seed_everything) if config.seed_everything is not False else 0
         check_writable(config.trainer.default_root_dir or ".", "trainer.default_root_dir")
         logger = config.trainer.logger
         if logger and not isinstance(logger, (list, bool)) and str(logger.class_path).endswith("MLFlowLogger"):

@@ -64,7 +64,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
                  clip_action: float = 0.99999, drop_timeouts: bool = True,
                  demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,
                  trajectories_per_round: int = 0, relabel: bool = False, demo_buffer_factor: float = 2.0,
-                 seed: int = 0, max_episode_steps: int | None = None, env_kwargs: dict | None = None,
+                 seed: int | None = None, max_episode_steps: int | None = None, env_kwargs: dict | None = None,
                  frames_per_batch: int = 1, init_random_frames: int = 0, learning_starts: int | None = 1,
                  utd_ratio: float = 1.0, batch_size: int = 512, buffer_size: int = 1_000_000,
                  eval_episodes: int = 10, eval_seed: int = 1_000_000, eval_max_steps: int = 100_000):

@@ -75,6 +75,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     Keyword Args:
         seed: base seed; rank ``r`` uses ``seed + 1000 * r`` for its env, buffer sampling and exploration.
+            ``None``: the CLI's ``seed_everything`` (0 outside the CLI).
         max_episode_steps: time limit (``None`` keeps gymnasium's).
         env_kwargs: extra ``gymnasium.make`` arguments.
         frames_per_batch: env frames per collector iteration.
@@ -88,7 +89,7 @@ class OnlineDataModule(L.LightningDataModule):
         eval_max_steps: cap on one evaluation episode's length.
     """
 
-    def __init__(self, env_id: str = "Pendulum-v1", *, seed: int = 0, max_episode_steps: int | None = None,
+    def __init__(self, env_id: str = "Pendulum-v1", *, seed: int | None = None, max_episode_steps: int | None = None,
                  env_kwargs: dict | None = None, frames_per_batch: int = 1, init_random_frames: int = 1000,
                  learning_starts: int | None = None, utd_ratio: float = 1.0, batch_size: int = 256,
                  buffer_size: int = 1_000_000, eval_episodes: int = 10, eval_seed: int = 1_000_000,
@@ -111,7 +112,8 @@ class OnlineDataModule(L.LightningDataModule):
         # Where this rank's own collection started: non-zero after a resume on ranks other than 0 (see load_state_dict).
         self._frames_origin, self._updates_origin = 0, 0
         self.episode_returns: deque[float] = deque(maxlen=20)
-        self.rank_seed = seed
+        self.base_seed = 0 if seed is None else seed
+        self.rank_seed = self.base_seed
         self.buffer: TensorDictReplayBuffer | None = None
         self._collector: Collector | None = None
         self._eval_env = None
@@ -119,7 +121,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.rank_seed = self.hparams.seed + 1000 * self._rank()
+        self.rank_seed = self.base_seed + 1000 * self._rank()
         if self.trainer is not None and self.trainer.world_size > 1:
             torch.manual_seed(self.rank_seed)  # the collector's random warm-up actions come from the global RNG
 

@@ -247,3 +247,10 @@ def test_predict_is_not_offered(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--config", str(QUICKSTART)])
     assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_seed_everything_seeds_the_data_module_unless_data_seed_is_given(monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    args = ["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
+    assert build_cli([*args, "--seed_everything", "3"]).datamodule.base_seed == 3
+    assert build_cli([*args, "--seed_everything", "3", "--data.seed", "5"]).datamodule.base_seed == 5
