@@ -41,6 +41,9 @@ from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, requ
 from arsq_lightning.module import ARSQModule
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-regressive soft Q-learning over "
+               "coarse-to-fine discretised actions, and the CQN baseline) online, from datasets or from "
+               "demonstrations, with runs tracked in MLflow. Start with: arsq fit --config configs/quickstart.yaml")
 
 
 class MLflowSaveConfig(SaveConfigCallback):
@@ -263,7 +266,7 @@ def _trainer_defaults() -> dict:
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> ArsqCLI:
     """Parse ``args`` (``None``: ``sys.argv``), instantiate, and run the subcommand unless ``run`` is false."""
     return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run, subclass_mode_data=True,
-                   parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+                   parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "description": DESCRIPTION},
                    save_config_callback=MLflowSaveConfig,
                    save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
                    trainer_defaults=_trainer_defaults())

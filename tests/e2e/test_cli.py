@@ -243,7 +243,8 @@ def test_predict_is_not_offered(capsys):
     """Lightning's ``predict`` needs a ``forward`` the module does not have: the CLI does not list or accept it."""
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "predict" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "predict" not in out and "arsq: train value-based continuous-control agents" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--config", str(QUICKSTART)])
     assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
