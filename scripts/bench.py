@@ -1,4 +1,4 @@
-"""Benchmark ARSQ gradient updates and action selection against the per-position reference (tests/reference.py).
+"""Benchmark ARSQ gradient updates and action selection against the per-position reference (scripts/reference.py).
 
 Network sizes are the paper's D4RL ones (ALGORITHM.md §3.2): ``AutoregressiveHead`` with hidden dims (512, 512, 512),
 tanh, ``qchunk=-1``, 2 critics; ``soft_alpha=0.01``; batch 512; Adam lr 3e-4; Polyak tau 0.005.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,18 +39,14 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.algos.arsq.loss import ARSQLoss
+from arsq_lightning.discretizers import CoarseToFineDiscretizer
+from arsq_lightning.envs.core import EnvSpec
+from arsq_lightning.module import ARSQModule
 
-from arsq_lightning.algos.arsq.critic import ARSQCritic  # noqa: E402
-from arsq_lightning.algos.arsq.head import AutoregressiveHead  # noqa: E402
-from arsq_lightning.algos.arsq.loss import ARSQLoss  # noqa: E402
-from arsq_lightning.discretizers import CoarseToFineDiscretizer  # noqa: E402
-from arsq_lightning.envs.core import EnvSpec  # noqa: E402
-from arsq_lightning.module import ARSQModule  # noqa: E402
-
-import reference  # noqa: E402  (tests/reference.py, the slow per-position implementation)
+import reference  # scripts/reference.py: the slow per-position implementation the tests also check against
 
 HIDDEN = (512, 512, 512)
 CRITICS = 2
