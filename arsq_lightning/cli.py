@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import logging
 import os
 import shlex
 import signal
@@ -90,6 +91,7 @@ class ArsqCLI(LightningCLI):
         logger = config.trainer.logger
         if logger and not isinstance(logger, (list, bool)) and str(logger.class_path).endswith("MLFlowLogger"):
             check_tracking_uri(logger.init_args.tracking_uri)
+            # before the logger exists: MLFlowLogger opens the store when it is built
             prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
             if not logger.init_args.get("run_name"):  # MLflow's generator is seeded: every seed-0 run got one name
                 logger.init_args.run_name = default_run_name(config)
@@ -229,11 +231,19 @@ def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
+    quiet = {name: logging.getLogger(name) for name in ("mlflow", "alembic")}  # table creation logs at INFO
+    levels = {name: log.level for name, log in quiet.items()}
     with open(os.path.abspath(uri.removeprefix("sqlite:///")) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        client = MlflowClient(uri)
-        if client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment)
+        try:
+            for log in quiet.values():
+                log.setLevel(logging.WARNING)
+            client = MlflowClient(uri)
+            if client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment)
+        finally:
+            for name, log in quiet.items():
+                log.setLevel(levels[name])
 
 
 def check_checkpoint(path: str) -> None:
