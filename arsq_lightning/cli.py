@@ -114,11 +114,11 @@ class ArsqCLI(LightningCLI):
         ours = _flatten({k: v for k, v in given.items() if k not in ignored})
         theirs = _flatten(yaml.safe_load(yaml.safe_dump(
             {k: v for k, v in saved.items() if k not in ignored}, default_flow_style=False)))
+        # settings both sides have (an option added since the checkpoint was written is not a difference)
         differ = sorted(key for key in ours.keys() & theirs.keys() if ours[key] != theirs[key])
-        missing = sorted(ours.keys() ^ theirs.keys())
-        require(not differ and not missing, f"--ckpt_path {path} was trained with other model settings: "
-                + ", ".join(f"model.{key} ({theirs.get(key)!r} there, {ours.get(key)!r} here)"
-                            for key in (differ + missing)[:6]) + ("" if len(differ + missing) <= 6 else ", ..."))
+        require(not differ, f"--ckpt_path {path} was trained with other model settings: "
+                + ", ".join(f"model.{key} ({theirs[key]!r} there, {ours[key]!r} here)" for key in differ[:6])
+                + ("" if len(differ) <= 6 else ", ..."))
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a SIGTERM / SIGINT ends it with the MLflow run KILLED and :class:`Preempted` raised."""
