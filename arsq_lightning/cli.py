@@ -87,28 +87,40 @@ class ArsqCLI(LightningCLI):
         check_budget(config.trainer.max_steps, config.trainer.val_check_interval)
         if config.data.init_args.get("seed") is None:  # one seed drives everything unless data.seed is given
             config.data.init_args.seed = int(config.seed_everything) if config.seed_everything is not False else 0
+        logger = self._mlflow_logger_config(config)
+        if logger is not None and not logger.init_args.get("run_name"):  # MLflow's generator is seeded
+            logger.init_args.run_name = default_run_name(config)
+
+    def instantiate_classes(self) -> None:
+        """Check the output places (one line each) and create the MLflow store, then build everything: the I/O
+        happens only when something is built, and before the logger, which opens the store."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
         check_writable(config.trainer.default_root_dir or ".", "trainer.default_root_dir")
+        logger = self._mlflow_logger_config(config)
+        if logger is not None:
+            check_tracking_uri(logger.init_args.tracking_uri)
+            prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
+        super().instantiate_classes()
+
+    @staticmethod
+    def _mlflow_logger_config(config):
+        """The trainer's MLflow logger settings, or ``None`` when another (or no) logger is configured."""
         logger = config.trainer.logger
         if logger and not isinstance(logger, (list, bool)) and str(logger.class_path).endswith("MLFlowLogger"):
-            check_tracking_uri(logger.init_args.tracking_uri)
-            # before the logger exists: MLFlowLogger opens the store when it is built
-            prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
-            if not logger.init_args.get("run_name"):  # MLflow's generator is seeded: every seed-0 run got one name
-                logger.init_args.run_name = default_run_name(config)
+            return logger
+        return None
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: Lightning reads the checkpoint's hyperparameters here, before any hook."""
         if self.config.get("subcommand"):
             path = self.config[self.config.subcommand].get("ckpt_path")
             if path not in (None, "last", "best", "hpc", "registry"):
-                check_checkpoint(path)
-                self._check_model_matches(path)
+                self._check_model_matches(path, check_checkpoint(path).get("hyper_parameters", {}))
         super()._parse_ckpt_path()
 
-    def _check_model_matches(self, path: str) -> None:
-        """Lightning replaces the model settings with the checkpoint's on resume; stop instead of silently ignoring
-        the ones that differ (trainer and data settings, e.g. the budget, may change)."""
-        saved = torch.load(path, weights_only=False, map_location="cpu", mmap=True).get("hyper_parameters", {})
+    def _check_model_matches(self, path: str, saved: dict) -> None:
+        """Lightning replaces the model settings with the checkpoint's (``saved``) on resume; stop instead of
+        silently ignoring the ones that differ (trainer and data settings, e.g. the budget, may change)."""
         given = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[self.config.subcommand]["model"]
         ignored = {"_instantiator", "env_spec", "_class_path"}
         ours = _flatten({k: v for k, v in given.items() if k not in ignored})
@@ -246,8 +258,9 @@ def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
                 log.setLevel(levels[name])
 
 
-def check_checkpoint(path: str) -> None:
-    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint."""
+def check_checkpoint(path: str) -> dict:
+    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint;
+    returns the checkpoint (tensors memory-mapped)."""
     require(os.path.isfile(path), f"--ckpt_path {path}: no such file")
     require(zipfile.is_zipfile(path), f"--ckpt_path {path}: not a complete checkpoint file (truncated, or not saved "
             "by torch.save)")
@@ -258,6 +271,7 @@ def check_checkpoint(path: str) -> None:
     keys = set(saved) if isinstance(saved, dict) else {type(saved).__name__}
     require({"state_dict", "global_step"} <= keys, f"--ckpt_path {path}: not a Lightning checkpoint of this project "
             f"(it holds {sorted(keys)[:5]})")
+    return saved
 
 
 def _trainer_defaults() -> dict:
