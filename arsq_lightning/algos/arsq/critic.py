@@ -86,8 +86,10 @@ class ARSQCritic(Critic):
         Returns:
             ``q [C, B]``, soft advantages ``[C, B, N, K]`` and the action's codes ``[B, N]`` (level-major).
         """
-        head = self.target_head if target else self.head
-        features = self.encoder(obs)
+        return self._evaluate_features(self.encoder(obs), action, self.target_head if target else self.head)
+
+    def _evaluate_features(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`evaluate` from encoder features ``[B, F]``, with ``head``."""
         codes = self.discretizer.encode(action)  # [B, L, D]
         logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order))
         if not self.discretizer.uniform_grid:  # dims with fewer bins or levels: their extra bins do not exist
@@ -109,8 +111,9 @@ class ARSQCritic(Critic):
 
         ``Q̄_k(s, a*) = V̄_k(s) + sum_i Ā_k,i(a*) <= V̄_k(s)``: the target networks' own greedy choice is not trusted,
         which removes the upward bias of taking a maximum over noisy advantages at every position."""
-        greedy = self._decode_with(self.head, obs, None)
-        return self.evaluate(obs, greedy, target=True)[0].min(0).values
+        features = self.encoder(obs)
+        greedy = self._decode_features(self.head, features, None)
+        return self._evaluate_features(features, greedy, self.target_head)[0].min(0).values
 
     @torch.no_grad()
     def act(self, obs: Tensor, *, deterministic: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -134,8 +137,10 @@ class ARSQCritic(Critic):
         return self._decode_with(self.target_head if self.act_network == "target" else self.head, obs, noise)
 
     def _decode_with(self, head: nn.Module, obs: Tensor, noise: Tensor | None) -> Tensor:
+        return self._decode_features(head, self.encoder(obs), noise)
+
+    def _decode_features(self, head: nn.Module, features: Tensor, noise: Tensor | None) -> Tensor:
         disc = self.discretizer
-        features = self.encoder(obs)
         cache = head.acting_cache(features)
         prefix = torch.zeros(features.shape[0], disc.action_dim, dtype=torch.float64, device=features.device)
         cond = torch.zeros(features.shape[0], disc.action_dim, device=features.device)  # unit-space midpoints m_i
