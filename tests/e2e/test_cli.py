@@ -18,6 +18,15 @@ from arsq_lightning.cli import build_cli, main
 from helpers import QUICKSTART, REPO, RUNNABLE_CONFIGS, TINY, only_run, use_tmp_mlflow, write_random_dataset
 
 
+def assert_fails_with_one_line(args: list[str], message: str, capsys) -> None:
+    """``arsq args`` exits with status 2 and exactly one ``arsq: error:`` line holding ``message``, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
+    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+
 @pytest.mark.parametrize("config", RUNNABLE_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
@@ -133,13 +142,7 @@ def test_resume_restores_counters_and_replay_buffer(monkeypatch, tmp_path):
 ])
 def test_bad_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(QUICKSTART), *TINY, *override])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
-    assert len(first) == 1 and message in first[0], err
+    assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override], message, capsys)
 
 
 def test_bad_yaml_key_fails_with_one_line(monkeypatch, tmp_path, capsys):
@@ -160,12 +163,7 @@ def test_bad_yaml_key_fails_with_one_line(monkeypatch, tmp_path, capsys):
 ])
 def test_bad_budgets_and_optimiser_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(QUICKSTART), *TINY, *override])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
-    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+    assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override], message, capsys)
 
 
 @pytest.mark.parametrize("kind,message", [("missing", "no such file"), ("truncated", "not a complete checkpoint"),
@@ -177,12 +175,7 @@ def test_bad_checkpoint_paths_fail_with_one_line(kind, message, monkeypatch, tmp
         torch.save({"weights": torch.zeros(1000)}, path)
     if kind == "truncated":
         path.write_bytes(path.read_bytes()[:2000])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(QUICKSTART), *TINY, "--ckpt_path", str(path)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
-    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+    assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, "--ckpt_path", str(path)], message, capsys)
 
 
 @pytest.mark.parametrize("where,message", [
@@ -200,12 +193,8 @@ def test_unusable_output_places_fail_within_seconds_with_one_line(where, message
     if where == "http":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
     start = time.monotonic()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(QUICKSTART), *TINY, *override])
-    assert exit_info.value.code == 2 and time.monotonic() - start < 60
-    err = capsys.readouterr().err
-    first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
-    assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+    assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override], message, capsys)
+    assert time.monotonic() - start < 60
 
 
 def test_runs_started_together_in_a_fresh_folder_share_one_store(tmp_path):
@@ -231,12 +220,8 @@ def test_a_resume_with_other_model_settings_or_another_env_fails_with_one_line(m
     cases = [(["--model.discretizer.init_args.levels", "2"], "model.discretizer.init_args.levels (3 there, 2 here)"),
              (["--data.env_id", "MountainCarContinuous-v0"], "its networks do not fit this config's env")]
     for override, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", str(QUICKSTART), *TINY, *override, "--ckpt_path", ckpt])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        first = [line for line in err.splitlines() if line.startswith("arsq: error:")]
-        assert len(first) == 1 and message in first[0] and "Traceback" not in err, err
+        assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override, "--ckpt_path", ckpt],
+                                   message, capsys)
 
 
 def test_predict_is_not_offered(capsys):
