@@ -85,6 +85,7 @@ class ArsqCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
         check_budget(config.trainer.max_steps, config.trainer.val_check_interval)
+        warn_slow_bf16(str(config.trainer.precision), str(config.trainer.accelerator))
         if config.data.init_args.get("seed") is None:  # one seed drives everything unless data.seed is given
             config.data.init_args.seed = int(config.seed_everything) if config.seed_everything is not False else 0
         logger = self._mlflow_logger_config(config)
@@ -206,6 +207,20 @@ def check_budget(max_steps: int, val_check_interval: int | float | None) -> None
                 f"trainer.val_check_interval as a fraction must lie in (0, 1], got {val_check_interval}")
     elif val_check_interval is not None:
         require(val_check_interval >= 1, f"trainer.val_check_interval must be >= 1 update, got {val_check_interval}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512 / AMX; oneDNN's own test). Without it bf16 is emulated."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent in some builds
+    return bool(probe()) if probe is not None else False
+
+
+def warn_slow_bf16(precision: str, accelerator: str) -> None:
+    """One stderr line when bf16 would run on a CPU that emulates it: there it is many times slower than fp32."""
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+        print(f"arsq: warning: trainer.precision {precision} on a CPU without native bf16 (no AVX512 / AMX) is "
+              "emulated and many times slower than fp32: use --trainer.precision 32-true", file=sys.stderr)
 
 
 def check_writable(directory: str, what: str) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import mlflow
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+# Every shipped run: a file, or an overlay on the base.yaml of its folder (configs/README.md).
+CONFIGS = sorted(config for config in (REPO / "configs").glob("**/*.yaml") if config.name != "base.yaml")
 # RLBench needs CoppeliaSim, which cannot be installed here: its configs are parsed (tests/test_rlbench.py), not built.
 RUNNABLE_CONFIGS = [config for config in CONFIGS if "rlbench" not in config.parts]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -16,6 +17,12 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TINY = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "15", "--trainer.enable_progress_bar", "false",
         "--trainer.log_every_n_steps", "5", "--data.init_random_frames", "40", "--data.batch_size", "16",
         "--data.eval_episodes", "2", "--data.max_episode_steps", "30", "--model.head.init_args.hidden_dims", "[16]"]
+
+
+def config_args(config: Path) -> list[str]:
+    """The ``--config`` arguments that run ``config``: its folder's ``base.yaml`` first where there is one."""
+    base = config.with_name("base.yaml")
+    return ["--config", str(base), "--config", str(config)] if base.exists() else ["--config", str(config)]
 
 
 def use_tmp_mlflow(monkeypatch, tmp_path: Path) -> str:

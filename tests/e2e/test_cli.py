@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,7 +16,16 @@ import yaml
 from arsq_lightning import ARSQModule, AutoregressiveHead, CQNCritic, CQNHead, CQNLoss, OnlineDataModule
 from arsq_lightning.cli import build_cli, main
 
-from helpers import QUICKSTART, REPO, RUNNABLE_CONFIGS, TINY, only_run, use_tmp_mlflow, write_random_dataset
+from helpers import (
+    QUICKSTART,
+    REPO,
+    RUNNABLE_CONFIGS,
+    TINY,
+    config_args,
+    only_run,
+    use_tmp_mlflow,
+    write_random_dataset,
+)
 
 
 def assert_fails_with_one_line(args: list[str], message: str, capsys) -> None:
@@ -30,15 +40,15 @@ def assert_fails_with_one_line(args: list[str], message: str, capsys) -> None:
 @pytest.mark.parametrize("config", RUNNABLE_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
-    extra = []
-    data = yaml.safe_load(config.read_text())["data"]
-    if "dataset" in data["init_args"]:  # point the dataset at a small file from the right env
-        init = data["init_args"]
+    extra, init = [], {}
+    for path in config_args(config)[1::2]:  # the data settings of the base, then of the overlay
+        init.update(yaml.safe_load(Path(path).read_text())["data"]["init_args"])
+    if "dataset" in init:  # point the dataset at a small file from the right env
         steps = 40 if "pixels" in config.name else 120
         path = write_random_dataset(init["env_id"], tmp_path / "data.hdf5", steps=steps,
                                     env_kwargs=init.get("env_kwargs"))
         extra = ["--data.dataset", str(path)]
-    cli = build_cli(["--config", str(config), *extra], run=False)
+    cli = build_cli([*config_args(config), *extra], run=False)
     assert isinstance(cli.model, ARSQModule) and isinstance(cli.datamodule, OnlineDataModule)
     spec, disc = cli.datamodule.env_spec, cli.model.critic.discretizer
     assert disc.action_dim == spec.action_dim  # sizes linked from the env, not typed in YAML

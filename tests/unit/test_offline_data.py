@@ -15,7 +15,7 @@ from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule, r
 from arsq_lightning.cli import build_cli
 from arsq_lightning.data.d4rl import auto_reward_scale, returns_to_go
 
-from helpers import REPO, TINY, use_tmp_mlflow, write_random_dataset
+from helpers import REPO, TINY, config_args, use_tmp_mlflow, write_random_dataset
 
 HOPPER_MR = REPO / "configs" / "d4rl" / "hopper_medium_replay.yaml"
 
@@ -73,7 +73,7 @@ class _Recorder(Callback):
 
 def test_offline_then_online_in_one_fit(hopper_file, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
-    cli = build_cli(["--config", str(HOPPER_MR), *TINY, "--data.dataset", str(hopper_file),
+    cli = build_cli([*config_args(HOPPER_MR), *TINY, "--data.dataset", str(hopper_file),
                      "--data.pretrain_steps", "20", "--trainer.max_steps", "40", "--data.trajectories_per_round", "0",
                      "--model.compile_act", "false"], run=False)
     recorder = _Recorder()
@@ -152,7 +152,7 @@ def test_cli_fails_fast_on_a_corrupt_dataset_and_leaves_it_untouched(monkeypatch
     corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)  # an HDF5 signature and nothing valid after it
     before = corrupt.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(HOPPER_MR), "--data.dataset", str(corrupt)])
+        main(["fit", *config_args(HOPPER_MR), "--data.dataset", str(corrupt)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(corrupt) in err.splitlines()[0]

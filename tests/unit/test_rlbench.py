@@ -38,9 +38,10 @@ from arsq_lightning.envs.rlbench import (
 )
 from arsq_lightning.errors import ConfigError
 
-from helpers import REPO, use_tmp_mlflow
+from helpers import REPO, config_args, use_tmp_mlflow
 
-RLBENCH_CONFIGS = sorted((REPO / "configs" / "rlbench").glob("*.yaml"))
+RLBENCH = REPO / "configs" / "rlbench"
+RLBENCH_CONFIGS = sorted(config for config in RLBENCH.glob("*.yaml") if config.name != "base.yaml")
 PAPER_TASKS = {  # §5.2: the 20 CQN tasks plus reach_target and slide_block_to_target
     "take_lid_off_saucepan", "open_drawer", "stack_wine", "toilet_seat_up", "open_microwave", "open_oven",
     "take_plate_off_colored_dish_rack", "turn_tap", "put_money_in_safe", "phone_on_base", "put_books_on_bookshelf",
@@ -63,7 +64,7 @@ def test_missing_rlbench_fails_with_what_to_install():
 def test_cli_reports_the_install_message_in_one_line(monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs" / "rlbench" / "reach_target.yaml")])
+        main(["fit", *config_args(RLBENCH / "reach_target.yaml")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines()[0].startswith("arsq: error: RLBench is not installed")
@@ -120,13 +121,13 @@ def cli_parser():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ArsqCLI, "instantiate_classes", lambda self: None)
         patch.setenv("MLFLOW_TRACKING_URI", "sqlite:///unused.db")  # nothing is instantiated, nothing is written
-        return build_cli(["--config", str(RLBENCH_CONFIGS[0])], run=False).parser
+        return build_cli(config_args(RLBENCH_CONFIGS[0]), run=False).parser
 
 
 @pytest.mark.parametrize("config", RLBENCH_CONFIGS, ids=lambda p: p.stem)
 def test_rlbench_config_parses_with_the_section_5_5_settings(config, cli_parser):
     """The CLI's parser accepts every key and resolves the interpolation (without building the env)."""
-    cfg = cli_parser.parse_args(["--config", str(config)])
+    cfg = cli_parser.parse_args(config_args(config))
     model, data = cfg.model, cfg.data.init_args
     assert data.env_id == f"rlbench:{config.stem}" and data.max_episode_steps == EPISODE_LENGTHS[config.stem]
     assert data.env_kwargs == {"image_size": 84, "frame_stack": 8, "demo_dataset": data.dataset}
