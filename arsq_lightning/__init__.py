@@ -6,6 +6,7 @@ The building blocks compose in user code; see the README's "Compose your own" se
 from arsq_lightning.algos.arsq.critic import ARSQCritic, soft_advantages
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss, conservative_penalty
+from arsq_lightning.algos.base import Critic, Loss, total_loss
 from arsq_lightning.algos.cqn.critic import CQNCritic
 from arsq_lightning.algos.cqn.head import CQNHead
 from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection
@@ -24,10 +25,11 @@ from arsq_lightning.policy import ARSQActor, make_actor
 __version__ = "0.1.0"
 __all__ = [
     "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CQNCritic", "CQNHead", "CQNLoss",
-    "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "DemoSplit", "Discretizer", "DrQEncoder", "EnvSpec",
+    "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "Critic", "DemoSplit", "Discretizer", "DrQEncoder",
+    "EnvSpec", "Loss",
     "FlattenEncoder", "MLPEncoder", "MultiViewCNNEncoder", "OfflineToOnlineDataModule", "OnlineDataModule",
     "QuantileDiscretizer", "RandomShift", "c51_projection", "check_against_env", "conservative_penalty",
     "env_spec_of", "make_actor", "make_env", "normalized_score", "random_shift", "read_d4rl_hdf5", "read_minari",
-    "soft_advantages", "stack_frames",
+    "soft_advantages", "stack_frames", "total_loss",
     "split_demos", "write_d4rl_hdf5",
 ]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
-from arsq_lightning.algos.base import Critic, Loss
+from arsq_lightning.algos.base import Critic, Loss, total_loss
 from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer, Preemption
 from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
@@ -108,6 +108,7 @@ class ARSQModule(L.LightningModule):
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
         out = self.loss_fn(self.critic, batch)
+        out = {"loss": total_loss(out), **out}
         bad = [name for name, value in out.items() if not bool(torch.isfinite(value).all())]
         if bad:  # stop before the optimiser step, so the weights stay those that met this batch
             raise TrainingDiverged(f"non-finite {', '.join('train/' + name for name in bad)} at update "

@@ -42,6 +42,7 @@ from torch import Tensor
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss
+from arsq_lightning.algos.base import total_loss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.module import ARSQModule
@@ -109,7 +110,7 @@ def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batch: Tens
     """What Lightning runs per step: the ``training_step`` loss, zero_grad, backward, optimiser step, then the
     ``on_train_batch_end`` Polyak update."""
     def step() -> None:
-        loss = module.loss_fn(module.critic, batch)["loss"]
+        loss = total_loss(module.loss_fn(module.critic, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -254,7 +255,7 @@ def sanity_check(setup: Setup) -> str:
         same = int(torch.isclose(ours, ref, atol=1e-5).all(-1).sum())
         if setup.device.type != "cpu":
             return f"deterministic actions equal on {same}/{obs.shape[0]} observations (reference loss is CPU-only)"
-        plain = ARSQLoss(gamma=GAMMA)(critic, setup.batch)["loss"]
+        plain = total_loss(ARSQLoss(gamma=GAMMA)(critic, setup.batch))
         rel = float((plain - reference_loss(setup.ref_critic, setup.batch)).abs() / plain.abs().clamp(min=1e-12))
     return f"TD loss ours vs reference rel. diff {rel:.1e}; deterministic actions equal on {same}/{obs.shape[0]} obs"
 

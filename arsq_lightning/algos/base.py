@@ -49,8 +49,14 @@ class Critic(nn.Module):
         raise NotImplementedError
 
 
+def total_loss(terms: dict[str, Tensor]) -> Tensor:
+    """The sum of a loss output's ``loss_*`` terms: what the optimiser minimises (TorchRL's convention)."""
+    return sum(value for name, value in terms.items() if name.startswith("loss_"))
+
+
 class Loss:
-    """A training loss: ``loss(critic, batch)`` returns ``loss`` (minimised) and detached diagnostics, all logged as
+    """A training loss: ``loss(critic, batch)`` returns its differentiable terms ``loss_<name>`` (the trainer
+    minimises their sum, :func:`total_loss`) and detached diagnostics without the prefix, all logged as
     ``train/<name>``. ``critic_type`` is the critic class it trains (the module checks the pair at construction)."""
 
     critic_type: type[Critic] = Critic

@@ -8,6 +8,7 @@ import torch
 from tensordict import TensorDict
 
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
+from arsq_lightning.algos.base import total_loss
 from arsq_lightning.algos.cqn.critic import CQNCritic
 from arsq_lightning.algos.cqn.head import CQNHead
 from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection, fosd_penalty, margin_penalty
@@ -214,7 +215,7 @@ def test_td_loss_is_cross_entropy_to_the_projected_double_q_target():
     data_logits = online.gather(-2, codes[..., None, None].expand(*codes.shape, 1, 11)).squeeze(-2)
     expected = -(m * data_logits.log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(out["loss_td"], expected.detach(), atol=1e-5, rtol=1e-5)
-    out["loss"].backward()
+    total_loss(out).backward()
     assert all(p.grad is None for p in critic.target_head.parameters())
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in critic.head.parameters())
 

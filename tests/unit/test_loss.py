@@ -9,6 +9,7 @@ from tensordict import TensorDict
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss
+from arsq_lightning.algos.base import total_loss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
@@ -94,7 +95,7 @@ def test_loss_matches_reference(conservative, reduction, num_critics, clip):
     clip_kw = {"clip_min": clip[0], "clip_max": clip[1]}
     out = make_loss(conservative, reduction, **clip_kw)(critic, batch)
     expected = reference_loss(critic, batch, conservative, reduction, **clip_kw)
-    torch.testing.assert_close(out["loss"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total_loss(out), expected, atol=1e-5, rtol=1e-5)
     td_only = reference_loss(critic, batch, "none", reduction, **clip_kw)
     torch.testing.assert_close(out["loss_td"], td_only.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["loss_conservative"], (expected - td_only).detach(), atol=1e-5, rtol=1e-5)
@@ -128,8 +129,8 @@ def test_batch_without_demo_has_no_conservative_term(conservative, reduction):
     for batch in (make_batch(critic, demo=[False] * 8), make_batch(critic, with_demo_key=False)):
         out = loss(critic, batch)
         assert float(out["loss_conservative"]) == 0.0
-        torch.testing.assert_close(out["loss"], out["loss_td"])
-        torch.testing.assert_close(out["loss"], reference_loss(critic, batch, "none", reduction).detach(),
+        torch.testing.assert_close(total_loss(out), out["loss_td"])
+        torch.testing.assert_close(total_loss(out), reference_loss(critic, batch, "none", reduction).detach(),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -137,7 +138,7 @@ def test_loss_matches_reference_with_qchunk_and_learned_encoder():
     critic = make_critic(action_dim=3, levels=2, bins=3, qchunk=2, encoder="mlp")
     batch = make_batch(critic, 6)
     out = make_loss("margin", "batch_mean")(critic, batch)
-    torch.testing.assert_close(out["loss"], reference_loss(critic, batch, "margin", "batch_mean"), atol=1e-5,
+    torch.testing.assert_close(total_loss(out), reference_loss(critic, batch, "margin", "batch_mean"), atol=1e-5,
                                rtol=1e-5)
 
 
@@ -148,13 +149,13 @@ def test_terminated_next_observation_does_not_matter():
     critic = make_critic()
     loss = make_loss("cql")
     batch = make_batch(critic, terminated=[True, False] * 4)
-    base = loss(critic, batch)["loss"]
+    base = total_loss(loss(critic, batch))
     moved = batch.clone()
     moved["next", "observation"][0] += 5.0  # terminated sample
-    torch.testing.assert_close(loss(critic, moved)["loss"], base, atol=1e-7, rtol=0)
+    torch.testing.assert_close(total_loss(loss(critic, moved)), base, atol=1e-7, rtol=0)
     moved = batch.clone()
     moved["next", "observation"][1] += 5.0  # non-terminated sample
-    assert abs(float(loss(critic, moved)["loss"].detach() - base.detach())) > 1e-4
+    assert abs(float(total_loss(loss(critic, moved)).detach() - base.detach())) > 1e-4
 
 
 def test_truncation_is_ignored():
@@ -162,11 +163,11 @@ def test_truncation_is_ignored():
     critic = make_critic()
     loss = make_loss("cql")
     batch = make_batch(critic, terminated=[True, False] * 4)
-    base = loss(critic, batch)["loss"]
+    base = total_loss(loss(critic, batch))
     truncated = batch.clone()
     truncated["next", "truncated"] = torch.ones(8, 1, dtype=torch.bool)
     truncated["next", "done"] = torch.ones(8, 1, dtype=torch.bool)
-    torch.testing.assert_close(loss(critic, truncated)["loss"], base, atol=0, rtol=0)
+    torch.testing.assert_close(total_loss(loss(critic, truncated)), base, atol=0, rtol=0)
 
 
 def test_target_uses_min_of_target_values():
@@ -206,13 +207,15 @@ def test_gradients_reach_only_online_parameters(conservative):
     batch = make_batch(critic)
     before = leaves(batch)
     out = make_loss(conservative)(critic, batch)
-    out["loss"].backward()
+    total_loss(out).backward()
     for name, p in critic.target_head.named_parameters():
         assert p.grad is None and not p.requires_grad, name
     for name, p in [*critic.head.named_parameters(), *critic.encoder.named_parameters()]:
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
         assert float(p.grad.abs().max()) > 0, name
-    for key in ("loss_td", "loss_conservative", "q", "target"):
+    for key in ("loss_td", "loss_conservative"):  # the terms the trainer sums
+        assert out[key].requires_grad, key
+    for key in ("q", "target"):  # diagnostics
         assert not out[key].requires_grad, key
     after = leaves(batch)
     assert after.keys() == before.keys()

@@ -34,6 +34,7 @@ from arsq_lightning import (
     CoarseToFineDiscretizer,
     FlattenEncoder,
     conservative_penalty,
+    total_loss,
 )
 
 OBS_DIM, LEVELS, HIDDEN = 5, 2, (16, 16)
@@ -365,7 +366,7 @@ def test_loss_and_gradients_match_official(qchunk: int, action_dim: int, bins: i
     twins, targets, critic = setup(qchunk, action_dim, bins, soft_alpha=setting.soft_alpha)
     batch = make_batch(action_dim)
     out = project_loss(setting)(critic, batch)
-    out["loss"].backward()
+    total_loss(out).backward()
     ref = official_loss(twins, targets, batch, setting)
     ref["total"].backward()
     s = setting
@@ -383,7 +384,7 @@ def test_loss_and_gradients_match_official(qchunk: int, action_dim: int, bins: i
     torch.testing.assert_close(out["loss_td"], s.td_weight * ref["td"].detach().sum(), **TOL)
     torch.testing.assert_close(penalty, ref["conservative"].detach(), **TOL)
     torch.testing.assert_close(out["loss_conservative"], s.weight * ref["conservative"].detach().sum(), **TOL)
-    torch.testing.assert_close(out["loss"].detach(), ref["total"].detach(), **TOL)
+    torch.testing.assert_close(total_loss(out).detach(), ref["total"].detach(), **TOL)
     assert_grads_close(critic.head, official_to_project(twins, read=lambda p: p.grad))
     raw = ref["raw"].detach()
     assert 0.0 < (raw < s.clip_min).float().mean() < 1.0, "the clip must bind on some positions and not on others"
@@ -397,7 +398,7 @@ def test_batch_without_demos_has_no_conservative_term(setting: Setting):
     out = project_loss(setting)(critic, batch)
     ref = official_loss(twins, targets, batch, setting)
     assert float(out["loss_conservative"]) == 0.0 and float(ref["conservative"].abs().sum()) == 0.0
-    torch.testing.assert_close(out["loss"].detach(), ref["total"].detach(), **TOL)
+    torch.testing.assert_close(total_loss(out).detach(), ref["total"].detach(), **TOL)
     unguarded = ref["raw"].detach().clamp(setting.clip_min, setting.clip_max).sum()
     assert float(unguarded.abs()) > 1e-3, "a sum over the batch without the any-demo guard would not be zero"
 

@@ -111,8 +111,8 @@ class ARSQLoss(Loss):
         return f"ARSQLoss({settings})"
 
     def __call__(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
-        """Returns ``loss`` (to minimise) and detached diagnostics ``loss_td``, ``loss_conservative``, ``q``,
-        ``target`` and, with ``target_bounds``, ``target_clipped`` (the share of targets the bounds clamp)."""
+        """Returns the terms ``loss_td`` and ``loss_conservative`` (to minimise, summed) and detached diagnostics
+        ``q``, ``target`` and, with ``target_bounds``, ``target_clipped`` (the share of targets the bounds clamp)."""
         q, adv, codes = critic.evaluate(batch["observation"], batch["action"])
         reward = batch["next", "reward"].reshape(-1).to(q.dtype)
         not_terminal = 1.0 - batch["next", "terminated"].reshape(-1).to(q.dtype)
@@ -134,6 +134,5 @@ class ARSQLoss(Loss):
                                            clip_max=self.clip_max, reduction=self.demo_reduction,
                                            valid=None if disc.uniform_grid else disc.bin_mask)
             loss_conservative = self.conservative_weight * penalty.sum()
-        return {"loss": loss_td + loss_conservative, "loss_td": loss_td.detach(),
-                "loss_conservative": loss_conservative.detach(), "q": q.detach().mean(), "target": target.mean(),
-                **extra}
+        return {"loss_td": loss_td, "loss_conservative": loss_conservative, "q": q.detach().mean(),
+                "target": target.mean(), **extra}

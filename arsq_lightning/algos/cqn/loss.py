@@ -94,7 +94,8 @@ class CQNLoss(Loss):
         return f"CQNLoss({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def __call__(self, critic: CQNCritic, batch: TensorDictBase) -> dict[str, Tensor]:
-        """Returns ``loss`` and detached ``loss_td``, ``loss_fosd``, ``loss_margin``, ``q``, ``target`` and
+        """Returns the terms ``loss_td``, ``loss_fosd`` and ``loss_margin`` (to minimise, summed) and detached ``q``,
+        ``target`` and
         ``target_clipped`` (the share of expected targets ``r + gamma * E[Z']`` outside the support: values the C51
         projection clips, a sign that ``v_min`` / ``v_max`` do not fit the reward scale and gamma)."""
         head = critic.head
@@ -115,12 +116,10 @@ class CQNLoss(Loss):
         q = head.expected_q(logits)  # [B, L, D, K]
         valid = None if disc.uniform_grid else disc.bin_mask.view(disc.levels, disc.action_dim, disc.bins)
         loss_fosd, loss_margin = self._demo_terms(logits, q, codes, batch, valid)
-        loss = loss_td + loss_fosd + loss_margin
         q_data = head.expected_q(data_logits)
         target_q = target.squeeze(-1) if head.atoms == 1 else (target * head.support).sum(-1)
-        return {"loss": loss, "loss_td": loss_td.detach(), "loss_fosd": loss_fosd.detach(),
-                "loss_margin": loss_margin.detach(), "q": q_data.detach().mean(), "target": target_q.mean(),
-                "target_clipped": clipped}
+        return {"loss_td": loss_td, "loss_fosd": loss_fosd, "loss_margin": loss_margin, "q": q_data.detach().mean(),
+                "target": target_q.mean(), "target_clipped": clipped}
 
     @torch.no_grad()
     def _target(self, critic: CQNCritic, next_obs, reward: Tensor, discount: Tensor) -> tuple[Tensor, Tensor]:
