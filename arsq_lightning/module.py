@@ -10,7 +10,6 @@ and optionally ``critic(encoder, discretizer, head)`` (default: ARSQ's :class:`A
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Literal
 
 import lightning as L
 import torch
@@ -49,22 +48,17 @@ class ARSQModule(L.LightningModule):
         encoder: ``obs_dim -> module`` (default :class:`FlattenEncoder`).
         discretizer: ``(low, high) -> discretizer`` (default :class:`CoarseToFineDiscretizer`, 3 levels x 5 bins).
         head: ``(feature_dim, action_dim, levels, bins) -> head`` (default :class:`AutoregressiveHead`).
-        critic: ``(encoder, discretizer, head) -> critic``; ``None`` builds an :class:`ARSQCritic` from the four
-            options below (``soft_alpha`` ... ``compile_act``), which apply to it only.
-        soft_alpha: training temperature ``alpha_s``.
-        act_alpha: acting temperature ``alpha_a`` (``None``: same as ``soft_alpha``).
-        act_network: ``online`` or ``target`` networks act.
+        critic: ``(encoder, discretizer, head) -> critic`` (default :class:`ARSQCritic` with its defaults; its
+            options, e.g. ``soft_alpha`` and ``act_network``, are set in the critic's ``init_args``).
         loss: the loss (default: the critic's own, :class:`ARSQLoss` with no conservative term for ARSQ).
         optimizer: ``params -> optimizer`` (default Adam, lr 3e-4, as official D4RL).
         tau: Polyak rate of the target networks.
-        compile_act: compile the position-by-position acting loop with ``torch.compile`` (see ``ARSQCritic``).
     """
 
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
                  discretizer: DiscretizerFactory = CoarseToFineDiscretizer, head: HeadFactory = AutoregressiveHead,
-                 critic: CriticFactory | None = None, soft_alpha: float = 0.01, act_alpha: float | None = None,
-                 act_network: Literal["online", "target"] = "online", loss: Loss | None = None,
-                 optimizer: OptimizerCallable = _adam, tau: float = 0.005, compile_act: bool = False):
+                 critic: CriticFactory = ARSQCritic, loss: Loss | None = None, optimizer: OptimizerCallable = _adam,
+                 tau: float = 0.005):
         super().__init__()
         if env_spec is None:
             raise ConfigError("model.env_spec is missing: pass the env's sizes (the CLI links them from data)")
@@ -74,11 +68,7 @@ class ARSQModule(L.LightningModule):
         enc = encoder(env_spec.encoder_input)
         disc = discretizer(list(env_spec.action_low), list(env_spec.action_high))
         net = head(enc.out_dim, disc.action_dim, disc.levels, disc.bins)
-        if critic is None:
-            self.critic = ARSQCritic(enc, disc, net, soft_alpha=soft_alpha, act_alpha=act_alpha,
-                                     act_network=act_network, compile_act=compile_act)
-        else:
-            self.critic = critic(enc, disc, net)
+        self.critic = critic(enc, disc, net)
         self.loss_fn = loss if loss is not None else self.critic.default_loss()
         if not isinstance(self.critic, self.loss_fn.critic_type):
             raise ConfigError(f"model.loss {type(self.loss_fn).__name__} trains a {self.loss_fn.critic_type.__name__}, "

@@ -88,7 +88,7 @@ def build_module(shape: EnvShape, device: torch.device, conservative: str) -> AR
     module = ARSQModule(spec, discretizer=partial(CoarseToFineDiscretizer, levels=shape.levels, bins=shape.bins),
                         head=partial(AutoregressiveHead, hidden_dims=HIDDEN, activation="tanh", qchunk=-1,
                                      num_critics=CRITICS),
-                        soft_alpha=SOFT_ALPHA, loss=loss, tau=TAU)
+                        critic=partial(ARSQCritic, soft_alpha=SOFT_ALPHA), loss=loss, tau=TAU)
     return module.to(device)
 
 

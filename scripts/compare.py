@@ -11,7 +11,7 @@ parent run gets ``compare.md``, ``curves.png`` and ``runs.csv`` as artifacts.
 Usage (from the repository root, in the project's venv):
 
     python scripts/compare.py --configs configs/quickstart.yaml \\
-        "configs/quickstart.yaml::--model.soft_alpha 0.1" --labels alpha0.01 alpha0.1 --seeds 0 1 2 \\
+        "configs/quickstart.yaml::--model.critic.init_args.soft_alpha 0.1" --labels alpha0.01 alpha0.1 --seeds 0 1 2 \\
         --extra="--trainer.max_steps 3000" --out results/alpha
     python scripts/compare.py --reuse --out results/alpha        # rebuild the table from the runs, no training
 

@@ -65,7 +65,8 @@ def test_every_shipped_config_instantiates(config, monkeypatch, tmp_path):
 def test_hopper_config_trains_a_few_updates(monkeypatch, tmp_path):
     """The multi-dimensional MuJoCo config runs end to end (collector, updates, evaluation) with tiny sizes."""
     use_tmp_mlflow(monkeypatch, tmp_path)
-    cli = build_cli(["fit", "--config", str(REPO / "configs" / "hopper.yaml"), *TINY, "--model.compile_act", "false"])
+    cli = build_cli(["fit", "--config", str(REPO / "configs" / "hopper.yaml"), *TINY,
+                     "--model.critic.init_args.compile_act", "false"])
     assert cli.trainer.global_step == 30 and cli.datamodule.env_spec.action_dim == 3
     assert cli.trainer.callback_metrics["eval/episodes"].item() == 2
 
@@ -96,7 +97,7 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
         assert key in run.data.metrics, key
     assert run.data.metrics["eval/episodes"] == 2
     assert run.info.run_name.startswith("quickstart-s0-")  # <config>-s<seed>-<time>, not MLflow's seeded name
-    assert run.data.params["soft_alpha"] == "0.01"
+    assert run.data.params["critic/init_args/soft_alpha"] == "0.01"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "last" in artifacts
     assert any(a.path.endswith(".ckpt") for a in client.list_artifacts(run.info.run_id, "last"))
@@ -139,8 +140,8 @@ def test_resume_restores_counters_and_replay_buffer(monkeypatch, tmp_path):
     (["--model.head.init_args.qchunk", "2"], "qchunk=2 must be -1 or divide N"),
     (["--model.discretizer.init_args.levels", "0"], "levels must be >= 1"),
     (["--model.discretizer.init_args.bins", "1"], "bins must be >= 2"),
-    (["--model.soft_alpha", "0"], "soft_alpha must be positive"),
-    (["--model.act_alpha", "-1"], "act_alpha must be positive"),
+    (["--model.critic.init_args.soft_alpha", "0"], "soft_alpha must be positive"),
+    (["--model.critic.init_args.act_alpha", "-1"], "act_alpha must be positive"),
     (["--model.no_such_key", "1"], "no_such_key"),
     (["--data.utd_ratio", "0"], "utd_ratio must be positive"),
     (["--model.head.init_args.activation", "sigmoidz"], "unknown activation 'sigmoidz'"),

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from helpers import QUICKSTART, REPO, TINY, use_tmp_mlflow
 
 SCRIPT = REPO / "scripts" / "compare.py"
-ALPHAS = {"alpha0.01": "0.01", "alpha0.1": "0.1"}  # label -> --model.soft_alpha
+ALPHAS = {"alpha0.01": "0.01", "alpha0.1": "0.1"}  # label -> --model.critic.init_args.soft_alpha
 BROKEN = "broken"  # soft_alpha 0: every run of it stops with a configuration error
 
 
@@ -66,7 +66,7 @@ def assert_curves_png(path: Path) -> None:
 def assert_table_matches_runs(client: MlflowClient, children: list, rows: dict, raw: dict) -> None:
     """Table cells and raw CSV numbers agree with the runs' metrics read from MLflow, grouped by their own params."""
     for label, alpha in ALPHAS.items():
-        mine = [r for r in children if r.data.params["soft_alpha"] == alpha]
+        mine = [r for r in children if r.data.params["critic/init_args/soft_alpha"] == alpha]
         mine.sort(key=lambda r: r.data.params["seed"])
         assert [r.data.params["seed"] for r in mine] == ["0", "1"] and rows[label]["seeds ok"] == "2/2"
         curves = [eval_returns(client, run) for run in mine]
@@ -84,9 +84,9 @@ def assert_table_matches_runs(client: MlflowClient, children: list, rows: dict, 
 
 def test_compare_trains_tabulates_plots_nests_and_rebuilds(monkeypatch, tmp_path):
     uri = use_tmp_mlflow(monkeypatch, tmp_path)
-    configs = [f"{QUICKSTART}::--model.soft_alpha {alpha}" for alpha in ALPHAS.values()]
-    common = ["--configs", *configs, f"{QUICKSTART}::--model.soft_alpha 0", "--labels", *ALPHAS, BROKEN,
-              "--seeds", "0", "1", "--name", "cmp", "--tracking-uri", uri]
+    configs = [f"{QUICKSTART}::--model.critic.init_args.soft_alpha {alpha}" for alpha in ALPHAS.values()]
+    common = ["--configs", *configs, f"{QUICKSTART}::--model.critic.init_args.soft_alpha 0", "--labels", *ALPHAS,
+              BROKEN, "--seeds", "0", "1", "--name", "cmp", "--tracking-uri", uri]
     first = compare(*common, f"--extra={shlex.join(TINY)}", "--out", "first", cwd=tmp_path)
     assert first.returncode == 1, first.stdout + first.stderr  # the broken config failed, the others went on
     text = (tmp_path / "first" / "compare.md").read_text()

@@ -75,7 +75,7 @@ def test_offline_then_online_in_one_fit(hopper_file, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
     cli = build_cli([*config_args(HOPPER_MR), *TINY, "--data.dataset", str(hopper_file),
                      "--data.pretrain_steps", "20", "--trainer.max_steps", "40", "--data.trajectories_per_round", "0",
-                     "--model.compile_act", "false"], run=False)
+                     "--model.critic.init_args.compile_act", "false"], run=False)
     recorder = _Recorder()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

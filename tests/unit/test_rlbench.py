@@ -133,7 +133,9 @@ def test_rlbench_config_parses_with_the_section_5_5_settings(config, cli_parser)
     assert data.env_kwargs == {"image_size": 84, "frame_stack": 8, "demo_dataset": data.dataset}
     assert (data.batch_size, data.demo_fraction, data.relabel, data.utd_ratio) == (512, 0.5, True, 1.0)
     assert model.discretizer.init_args.levels == 3 and model.discretizer.init_args.bins == 5
-    assert model.soft_alpha == 0.001 and model.act_alpha is None and model.act_network == "target"
+    critic = model.critic.init_args
+    assert model.critic.class_path.endswith("ARSQCritic")
+    assert critic.soft_alpha == 0.001 and critic.act_alpha is None and critic.act_network == "target"
     assert model.tau == 0.02 and model.encoder.class_path.endswith("MultiViewCNNEncoder")
     loss = model.loss.init_args
     assert (loss.td_weight, loss.conservative, loss.conservative_weight, loss.clip_min) == (0.1, "margin", 1.0, -0.01)
