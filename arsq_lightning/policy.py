@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchrl.envs.utils import ExplorationType, exploration_type
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.keys import ACTION, OBSERVATION
 from arsq_lightning.nets.augment import augmentation_disabled
 
 
@@ -57,4 +58,4 @@ def _device_of(observation: TensorDictBase) -> torch.device:
 
 def make_actor(critic: ARSQCritic, generator: torch.Generator | None = None) -> TensorDictModule:
     """Wrap :class:`ARSQActor` to read ``observation`` and write ``action``."""
-    return TensorDictModule(ARSQActor(critic, generator), in_keys=["observation"], out_keys=["action"])
+    return TensorDictModule(ARSQActor(critic, generator), in_keys=[OBSERVATION], out_keys=[ACTION])

@@ -16,6 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from arsq_lightning.errors import require
+from arsq_lightning.keys import DEMO, EPISODE, NEXT_REWARD, NEXT_TERMINATED, NEXT_TRUNCATED
 
 # D4RL's reference returns (random, expert) used by env.get_normalized_score, per MuJoCo task.
 D4RL_REFERENCE_RETURNS: dict[str, tuple[float, float]] = {
@@ -42,8 +43,8 @@ def normalized_score(env_id: str, episode_return: float) -> float:
 
 def episode_returns(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row episode return ``[T]`` and the sorted unique episode ids with their returns ``([E], [E])``."""
-    ids, inverse = torch.unique(data["episode"], return_inverse=True)
-    rewards = data["next", "reward"].reshape(-1).double()
+    ids, inverse = torch.unique(data[EPISODE], return_inverse=True)
+    rewards = data[NEXT_REWARD].reshape(-1).double()
     totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, rewards)
     return totals[inverse], totals
 
@@ -51,8 +52,8 @@ def episode_returns(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
 def returns_to_go(data: TensorDict, gamma: float) -> torch.Tensor:
     """Discounted return-to-go of every row ``[T]`` within its episode (rows of an episode in file order; the last row
     of an episode does not bootstrap, whatever ended it)."""
-    rewards = data["next", "reward"].reshape(-1).double().tolist()
-    episodes = data["episode"].reshape(-1).tolist()
+    rewards = data[NEXT_REWARD].reshape(-1).double().tolist()
+    episodes = data[EPISODE].reshape(-1).tolist()
     out, running = [0.0] * len(rewards), 0.0
     for t in range(len(rewards) - 1, -1, -1):
         continues = t + 1 < len(rewards) and episodes[t + 1] == episodes[t]
@@ -109,19 +110,19 @@ def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: f
         drop_timeouts: drop transitions that end by time-out (the official code does).
     """
     if drop_timeouts:
-        data = data[~(data["next", "truncated"].reshape(-1) & ~data["next", "terminated"].reshape(-1))]
+        data = data[~(data[NEXT_TRUNCATED].reshape(-1) & ~data[NEXT_TERMINATED].reshape(-1))]
     require(data.numel() > 0, "no transition left after dropping time-outs")
     data = data.clone()
-    data["next", "reward"] = data["next", "reward"] * reward_scale + reward_bias
+    data[NEXT_REWARD] = data[NEXT_REWARD] * reward_scale + reward_bias
     per_row, totals = episode_returns(data)
-    episode_ids = torch.unique(data["episode"])  # sorted; totals[k] belongs to episode_ids[k]
+    episode_ids = torch.unique(data[EPISODE])  # sorted; totals[k] belongs to episode_ids[k]
     data = data[torch.argsort(per_row, stable=True)]  # episodes stay contiguous (equal returns keep file order)
     start, stop = demo_window(data.numel(), demo_percentile, demo_ratio)
     require(stop > start, f"the demo window [{start}, {stop}) is empty: raise demo_ratio")
     demo = data[start:stop].clone()
-    demo["demo"] = torch.ones(demo.numel(), dtype=torch.bool)
-    data["demo"] = torch.zeros(data.numel(), dtype=torch.bool)
-    in_window = torch.searchsorted(episode_ids, torch.unique(demo["episode"]))
+    demo[DEMO] = torch.ones(demo.numel(), dtype=torch.bool)
+    data[DEMO] = torch.zeros(data.numel(), dtype=torch.bool)
+    in_window = torch.searchsorted(episode_ids, torch.unique(demo[EPISODE]))
     return DemoSplit(rl=data, demo=demo, mean_episode_return=float(totals.mean()),
                      max_episode_return=float(totals.max()),
                      demo_mean_episode_return=float(totals[in_window].mean()))

@@ -25,6 +25,20 @@ from tensordict import TensorDict, TensorDictBase
 
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.errors import ConfigError
+from arsq_lightning.keys import (
+    ACTION,
+    DONE,
+    EPISODE,
+    NEXT,
+    NEXT_OBSERVATION,
+    NEXT_REWARD,
+    NEXT_TERMINATED,
+    NEXT_TRUNCATED,
+    OBSERVATION,
+    REWARD,
+    TERMINATED,
+    TRUNCATED,
+)
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals")  # + "timeouts" (v2 files), "next_observations"
 
@@ -145,11 +159,11 @@ def read_d4rl_hdf5(path: str | os.PathLike, *, missing_hint: str = "") -> Tensor
         return col(x)
 
     return TensorDict({
-        "observation": observation_col(obs), "action": col(a["actions"].reshape(rows, -1)),
-        "episode": col(episode, torch.long),
-        "next": {"observation": observation_col(next_obs), "reward": col(a["rewards"].reshape(-1, 1)),
-                 "terminated": col(terminated.reshape(-1, 1), torch.bool),
-                 "truncated": col(truncated.reshape(-1, 1), torch.bool), "done": col(ends.reshape(-1, 1), torch.bool)},
+        OBSERVATION: observation_col(obs), ACTION: col(a["actions"].reshape(rows, -1)),
+        EPISODE: col(episode, torch.long),
+        NEXT: {OBSERVATION: observation_col(next_obs), REWARD: col(a["rewards"].reshape(-1, 1)),
+               TERMINATED: col(terminated.reshape(-1, 1), torch.bool),
+               TRUNCATED: col(truncated.reshape(-1, 1), torch.bool), DONE: col(ends.reshape(-1, 1), torch.bool)},
     }, batch_size=[t])
 
 
@@ -167,7 +181,7 @@ def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> Te
     if not chunks or sum(c.numel() for c in chunks) == 0:
         raise ConfigError(f"Minari dataset {dataset_id!r} is empty")
     data = torch.cat(chunks)
-    for key in ("observation", "action", ("next", "reward"), ("next", "observation")):
+    for key in (OBSERVATION, ACTION, NEXT_REWARD, NEXT_OBSERVATION):
         if not torch.isfinite(data[key]).all():
             raise ConfigError(f"Minari dataset {dataset_id!r}: {key} contains NaN or inf")
     return data
@@ -202,16 +216,16 @@ def _minari_episode(ep, dataset_id: str) -> TensorDict:
     term = torch.as_tensor(ep.terminations).bool().reshape(steps, 1)
     trunc = torch.as_tensor(ep.truncations).bool().reshape(steps, 1) & ~term
     return TensorDict({
-        "observation": obs[:-1], "action": torch.as_tensor(ep.actions, dtype=torch.float32).reshape(steps, -1),
-        "episode": torch.full((steps,), int(ep.id), dtype=torch.long),
-        "next": {"observation": obs[1:], "reward": torch.as_tensor(ep.rewards, dtype=torch.float32).reshape(-1, 1),
-                 "terminated": term, "truncated": trunc, "done": term | trunc}}, batch_size=[steps])
+        OBSERVATION: obs[:-1], ACTION: torch.as_tensor(ep.actions, dtype=torch.float32).reshape(steps, -1),
+        EPISODE: torch.full((steps,), int(ep.id), dtype=torch.long),
+        NEXT: {OBSERVATION: obs[1:], REWARD: torch.as_tensor(ep.rewards, dtype=torch.float32).reshape(-1, 1),
+               TERMINATED: term, TRUNCATED: trunc, DONE: term | trunc}}, batch_size=[steps])
 
 
 def check_against_env(data: TensorDict, spec: EnvSpec, source: str) -> TensorDict:
     """Check sizes against the env; clip actions outside its bounds (with a warning). Returns the checked data."""
-    act_dim = data["action"].shape[-1]
-    observation = data["observation"]
+    act_dim = data[ACTION].shape[-1]
+    observation = data[OBSERVATION]
     if isinstance(observation, TensorDictBase) or spec.observation_shapes is not None:
         shapes = ({k: list(v.shape[1:]) for k, v in observation.items()} if isinstance(observation, TensorDictBase)
                   else "a flat vector")
@@ -224,12 +238,12 @@ def check_against_env(data: TensorDict, spec: EnvSpec, source: str) -> TensorDic
     if act_dim != spec.action_dim:
         raise ConfigError(f"{source}: actions have {act_dim} dims but the env's have {spec.action_dim}")
     low, high = torch.tensor(spec.action_low), torch.tensor(spec.action_high)
-    outside = ((data["action"] < low) | (data["action"] > high)).any(-1)
+    outside = ((data[ACTION] < low) | (data[ACTION] > high)).any(-1)
     if outside.any():
         warnings.warn(f"{source}: {int(outside.sum())} of {len(outside)} actions lie outside the env's bounds "
                       f"and were clipped", stacklevel=2)
         data = data.clone()
-        data["action"] = data["action"].clamp(low, high)
+        data[ACTION] = data[ACTION].clamp(low, high)
     return data
 
 
@@ -248,16 +262,16 @@ def write_d4rl_hdf5(path: str | os.PathLike, data: TensorDict, metadata: dict | 
     import h5py
 
     with h5py.File(path, "w") as f:
-        for name, key in (("observations", "observation"), ("next_observations", ("next", "observation"))):
+        for name, key in (("observations", OBSERVATION), ("next_observations", NEXT_OBSERVATION)):
             value = data[key]
             if isinstance(value, TensorDictBase):  # nested: one dataset per entry, dtype kept (uint8 pixels)
                 for entry, array in value.items():
                     f.create_dataset(f"{name}/{entry}", data=array.numpy(), chunks=_chunks(array))
             else:
                 f[name] = value.numpy()
-        f["actions"] = data["action"].numpy()
-        f["rewards"] = data["next", "reward"].reshape(-1).numpy()
-        f["terminals"] = data["next", "terminated"].reshape(-1).numpy()
-        f["timeouts"] = data["next", "truncated"].reshape(-1).numpy()
+        f["actions"] = data[ACTION].numpy()
+        f["rewards"] = data[NEXT_REWARD].reshape(-1).numpy()
+        f["terminals"] = data[NEXT_TERMINATED].reshape(-1).numpy()
+        f["timeouts"] = data[NEXT_TRUNCATED].reshape(-1).numpy()
         for key, value in (metadata or {}).items():
             f[f"metadata/{key}"] = value

@@ -28,8 +28,9 @@ from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read
 from arsq_lightning.data.online import TRANSITION_KEYS, DataStats, OnlineDataModule
 from arsq_lightning.envs.core import dataset_hint
 from arsq_lightning.errors import require
+from arsq_lightning.keys import ACTION, DEMO, NEXT_DONE, NEXT_REWARD
 
-STORED_KEYS = (*TRANSITION_KEYS, "demo")
+STORED_KEYS = (*TRANSITION_KEYS, DEMO)
 
 
 class OfflineToOnlineDataModule(OnlineDataModule):
@@ -115,12 +116,12 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         data = check_against_env(data, self.env_spec, source)
         low, high = torch.tensor(self.env_spec.action_low), torch.tensor(self.env_spec.action_high)
         centre, half = (high + low) / 2, (high - low) / 2 * self.hparams.clip_action
-        data["action"] = data["action"].clamp(centre - half, centre + half)
+        data[ACTION] = data[ACTION].clamp(centre - half, centre + half)
         return data
 
     def action_samples(self) -> torch.Tensor:
         """The dataset's actions ``[n, D]`` (RL part and demo window), e.g. to fit a data-adaptive discretizer."""
-        return torch.cat([self.split.rl["action"], self.split.demo["action"]])
+        return torch.cat([self.split.rl[ACTION], self.split.demo[ACTION]])
 
     def stats(self) -> DataStats:
         """As :meth:`OnlineDataModule.stats`, plus the phase and the relabelled episodes."""
@@ -171,10 +172,10 @@ class OfflineToOnlineDataModule(OnlineDataModule):
     def store(self, batch: TensorDictBase) -> None:
         """Scale rewards, flag ``demo = False``, add to the RL buffer; close rounds and relabel finished episodes."""
         rows = batch.select(*TRANSITION_KEYS).clone()
-        rows["next", "reward"] = rows["next", "reward"] * self.reward_scale + self.hparams.reward_bias
-        rows["demo"] = torch.zeros(rows.numel(), dtype=torch.bool)
+        rows[NEXT_REWARD] = rows[NEXT_REWARD] * self.reward_scale + self.hparams.reward_bias
+        rows[DEMO] = torch.zeros(rows.numel(), dtype=torch.bool)
         self.buffer.extend(rows)
-        ends = torch.nonzero(rows["next", "done"].reshape(-1)).reshape(-1).tolist()
+        ends = torch.nonzero(rows[NEXT_DONE].reshape(-1)).reshape(-1).tolist()
         start = 0
         for end in ends:
             self._finish_episode(torch.cat([*self._open_episode, rows[start:end + 1]]))
@@ -188,8 +189,8 @@ class OfflineToOnlineDataModule(OnlineDataModule):
 
     def _finish_episode(self, episode: TensorDictBase) -> None:
         self._episodes_in_round += 1
-        if self.hparams.relabel and float(episode["next", "reward"].sum()) >= self.split.demo_mean_episode_return:
+        if self.hparams.relabel and float(episode[NEXT_REWARD].sum()) >= self.split.demo_mean_episode_return:
             relabelled = episode.clone()
-            relabelled["demo"] = torch.ones(relabelled.numel(), dtype=torch.bool)
+            relabelled[DEMO] = torch.ones(relabelled.numel(), dtype=torch.bool)
             self.demo_buffer.extend(relabelled)
             self.relabelled_episodes += 1

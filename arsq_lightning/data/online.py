@@ -26,10 +26,20 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
 from arsq_lightning.errors import require
+from arsq_lightning.keys import (
+    ACTION,
+    NEXT_DONE,
+    NEXT_EPISODE_REWARD,
+    NEXT_OBSERVATION,
+    NEXT_REWARD,
+    NEXT_SUCCESS,
+    NEXT_TERMINATED,
+    NEXT_TRUNCATED,
+    OBSERVATION,
+)
 from arsq_lightning.policy import make_actor
 
-TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"),
-                   ("next", "truncated"), ("next", "done"))
+TRANSITION_KEYS = (OBSERVATION, ACTION, NEXT_OBSERVATION, NEXT_REWARD, NEXT_TERMINATED, NEXT_TRUNCATED, NEXT_DONE)
 
 
 # One evaluated episode, as the float64 row ``[len(EPISODE_FIELDS)]`` the validation / test loader yields: its index,
@@ -194,9 +204,9 @@ class OnlineDataModule(L.LightningDataModule):
         """Step the collector once, store the transitions, record finished episodes' returns."""
         batch = next(self._collector_iter).reshape(-1)
         self.frames += batch.numel()
-        done = batch["next", "done"].reshape(-1)
+        done = batch[NEXT_DONE].reshape(-1)
         if done.any():
-            self.episode_returns.extend(batch["next", "episode_reward"].reshape(-1)[done].tolist())
+            self.episode_returns.extend(batch[NEXT_EPISODE_REWARD].reshape(-1)[done].tolist())
         self.store(batch)
 
     def store(self, batch: TensorDictBase) -> None:
@@ -243,8 +253,8 @@ class OnlineDataModule(L.LightningDataModule):
         self._eval_env.set_seed(self.hparams.eval_seed + episode)
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             rollout = self._eval_env.rollout(self.hparams.eval_max_steps, make_actor(critic), break_when_any_done=True)
-        success = float(rollout["next", "success"].any()) if ("next", "success") in rollout.keys(True) else math.nan
-        return float(rollout["next", "reward"].sum()), rollout.numel(), success
+        success = float(rollout[NEXT_SUCCESS].any()) if NEXT_SUCCESS in rollout.keys(True) else math.nan
+        return float(rollout[NEXT_REWARD].sum()), rollout.numel(), success
 
     # --- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -38,6 +38,7 @@ from tensordict import TensorDict
 from arsq_lightning.envs.core import stack_frames
 from arsq_lightning.envs.rlbench import ACTION_DIM, CAMERAS, MAX_DEMO_DELTA
 from arsq_lightning.errors import ConfigError
+from arsq_lightning.keys import ACTION, DONE, EPISODE, NEXT, OBSERVATION, PIXELS, PROPRIO, REWARD, TERMINATED, TRUNCATED
 
 LOW_DIM_PICKLE = "low_dim_obs.pkl"
 
@@ -95,22 +96,22 @@ def load_episode(folder: str | Path, *, cameras: Sequence[str] = CAMERAS, image_
         target = np.asarray(misc["joint_position_action"][:-1]) if "joint_position_action" in misc else joints[t]
         actions.append(np.append(target - joints[t - 1], 1.0 if gripper[t] == 1 else 0.0))
     pixels = np.stack(views, axis=1).transpose(0, 1, 4, 2, 3)  # [T, V, H, W, 3] -> [T, V, 3, H, W]
-    return {"pixels": np.ascontiguousarray(pixels), "proprio": np.column_stack([joints, gripper]),
+    return {PIXELS: np.ascontiguousarray(pixels), PROPRIO: np.column_stack([joints, gripper]),
             "actions": np.asarray(actions, dtype=np.float32).reshape(-1, ACTION_DIM)}
 
 
 def episode_transitions(episode: dict, *, frame_stack: int = 1) -> TensorDict:
     """TED transitions ``[T - 1]`` of a loaded episode: success reward 1 and ``terminated`` on the last one."""
-    pixels = stack_frames(torch.from_numpy(episode["pixels"]), frame_stack, pixels=True)
-    proprio = stack_frames(torch.from_numpy(episode["proprio"]), frame_stack, pixels=False)
+    pixels = stack_frames(torch.from_numpy(episode[PIXELS]), frame_stack, pixels=True)
+    proprio = stack_frames(torch.from_numpy(episode[PROPRIO]), frame_stack, pixels=False)
     n = len(episode["actions"])
     last = torch.zeros(n, 1, dtype=torch.bool)
     last[-1] = True
     return TensorDict({
-        "observation": {"pixels": pixels[:-1], "proprio": proprio[:-1]},
-        "action": torch.from_numpy(episode["actions"]),
-        "next": {"observation": {"pixels": pixels[1:], "proprio": proprio[1:]}, "reward": last.float(),
-                 "terminated": last, "truncated": torch.zeros_like(last), "done": last.clone()},
+        OBSERVATION: {PIXELS: pixels[:-1], PROPRIO: proprio[:-1]},
+        ACTION: torch.from_numpy(episode["actions"]),
+        NEXT: {OBSERVATION: {PIXELS: pixels[1:], PROPRIO: proprio[1:]}, REWARD: last.float(),
+               TERMINATED: last, TRUNCATED: torch.zeros_like(last), DONE: last.clone()},
     }, batch_size=[n])
 
 
@@ -135,7 +136,7 @@ def read_rlbench_demos(root: str | Path, task: str, *, variation: int = 0, camer
             skipped += 1
             continue
         data = episode_transitions(episode, frame_stack=frame_stack)
-        data["episode"] = torch.full((data.numel(),), len(chunks), dtype=torch.long)
+        data[EPISODE] = torch.full((data.numel(),), len(chunks), dtype=torch.long)
         chunks.append(data)
     if not chunks:
         raise ConfigError(f"no usable RLBench demo for {task!r} under {root} ({skipped} skipped for large deltas)")

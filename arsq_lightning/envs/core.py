@@ -40,6 +40,7 @@ from torchrl.envs import (
 )
 
 from arsq_lightning.errors import ConfigError
+from arsq_lightning.keys import OBSERVATION, PIXELS
 
 
 @dataclass
@@ -151,7 +152,6 @@ class Suite(Protocol):
 # Each suite's module, imported only when one of its ids is used (their simulators are optional dependencies).
 SUITES = {"metaworld": "arsq_lightning.envs.metaworld", "dmc": "arsq_lightning.envs.dmc",
           "rlbench": "arsq_lightning.envs.rlbench"}
-PIXELS_KEY = "pixels"
 
 
 def _pop_frame_stack(env_id: str, env_kwargs: dict) -> int:
@@ -166,7 +166,7 @@ def _pop_frame_stack(env_id: str, env_kwargs: dict) -> int:
 
 def _nested_keys(env) -> list[str]:
     """Entries of a nested ``observation`` (empty for a flat one)."""
-    spec = env.observation_spec["observation"]
+    spec = env.observation_spec[OBSERVATION]
     return list(spec.keys()) if hasattr(spec, "keys") else []
 
 
@@ -175,7 +175,7 @@ def stacked_shapes(shapes: dict[str, list[int]], frame_stack: int) -> dict[str, 
     out = {}
     for key, shape in shapes.items():
         shape = list(shape)
-        axis = -3 if key == PIXELS_KEY else -1
+        axis = -3 if key == PIXELS else -1
         shape[axis] *= frame_stack
         out[key] = shape
     return out
@@ -189,7 +189,7 @@ def frame_stack_transforms(keys: list[str], frame_stack: int) -> list[Transform]
         raise ConfigError("frame_stack needs a nested (pixel) observation; this env's is a flat vector")
     by_axis: dict[int, list] = {}
     for key in keys:
-        by_axis.setdefault(-3 if key == PIXELS_KEY else -1, []).append(("observation", key))
+        by_axis.setdefault(-3 if key == PIXELS else -1, []).append((OBSERVATION, key))
     return [CatFrames(N=frame_stack, dim=axis, in_keys=in_keys) for axis, in_keys in by_axis.items()]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from arsq_lightning.envs.core import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
+from arsq_lightning.keys import OBSERVATION, PIXELS
 
 OBSERVATIONS = ("state", "pixels")
 # dm_control picks its GL backend when first imported: choose headless EGL unless the user chose (import this module
@@ -134,7 +135,7 @@ def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = N
         base = DMControlWrapper(env, frame_skip=action_repeat)
         scalars = [k for k in keys if len(base.observation_spec[k].shape) == 0]
         transforms = [UnsqueezeTransform(-1, in_keys=scalars)] if scalars else []
-        transforms.append(CatTensors(in_keys=keys, out_key="observation", del_keys=True, sort=False))
+        transforms.append(CatTensors(in_keys=keys, out_key=OBSERVATION, del_keys=True, sort=False))
         return TransformedEnv(base, Compose(*transforms))
     from dm_control.suite.wrappers import pixels
 
@@ -143,9 +144,9 @@ def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = N
                               render_kwargs={"height": image_size, "width": image_size, "camera_id": camera_id})
     base = DMControlWrapper(rendered)
     return TransformedEnv(base, Compose(
-        PermuteTransform((-1, -3, -2), in_keys=["pixels"]),  # [H, W, 3] -> [3, H, W]
-        UnsqueezeTransform(-4, in_keys=["pixels"]),  # one camera view: [1, 3, H, W]
-        RenameTransform(["pixels"], [("observation", "pixels")]),
+        PermuteTransform((-1, -3, -2), in_keys=[PIXELS]),  # [H, W, 3] -> [3, H, W]
+        UnsqueezeTransform(-4, in_keys=[PIXELS]),  # one camera view: [1, 3, H, W]
+        RenameTransform([PIXELS], [(OBSERVATION, PIXELS)]),
     ))
 
 
@@ -159,7 +160,7 @@ def env_spec_of(name: str, *, observation: str = "state", image_size: int = 84, 
     if observation == "state":
         obs_dim = sum(int(np.prod(spec.shape)) for spec in env.observation_spec().values())
         return EnvSpec(obs_dim=obs_dim, action_low=low.astype(float).tolist(), action_high=high.astype(float).tolist())
-    shapes = {"pixels": [1, 3, image_size, image_size]}
+    shapes = {PIXELS: [1, 3, image_size, image_size]}
     return EnvSpec(obs_dim=nested_obs_dim(shapes), action_low=low.astype(float).tolist(),
                    action_high=high.astype(float).tolist(), observation_shapes=shapes)
 

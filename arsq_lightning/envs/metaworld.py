@@ -40,6 +40,7 @@ from torchrl.envs import EnvBase
 
 from arsq_lightning.envs.core import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
+from arsq_lightning.keys import ACTION, DONE, OBSERVATION, PIXELS, PROPRIO, REWARD, SUCCESS, TERMINATED, TRUNCATED
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # only matters if mujoco is imported after this module
 
@@ -75,7 +76,7 @@ def observation_shapes(observation: str = "state", cameras: Sequence[str] = DEFA
     """Shapes under ``observation`` (``None`` for the flat state vector), without building an env."""
     if observation == "state":
         return None
-    shapes = {"pixels": [len(cameras), 3, image_size, image_size], "proprio": [PROPRIO_DIM]}
+    shapes = {PIXELS: [len(cameras), 3, image_size, image_size], PROPRIO: [PROPRIO_DIM]}
     if include_state:
         shapes["state"] = [STATE_DIM]
     return shapes
@@ -244,8 +245,8 @@ class MetaWorldEnv(EnvBase):
         if shapes is None:
             obs_spec = Unbounded(shape=(STATE_DIM,), dtype=torch.float32)
         else:
-            entries = {"pixels": Bounded(0, 255, shape=shapes["pixels"], dtype=torch.uint8),
-                       "proprio": Unbounded(shape=(PROPRIO_DIM,), dtype=torch.float32)}
+            entries = {PIXELS: Bounded(0, 255, shape=shapes[PIXELS], dtype=torch.uint8),
+                       PROPRIO: Unbounded(shape=(PROPRIO_DIM,), dtype=torch.float32)}
             if self.include_state:
                 entries["state"] = Unbounded(shape=(STATE_DIM,), dtype=torch.float32)
             obs_spec = Composite(entries)
@@ -254,7 +255,7 @@ class MetaWorldEnv(EnvBase):
         self.action_spec = Bounded(-1.0, 1.0, shape=(ACTION_DIM,), dtype=torch.float32)
         self.reward_spec = Unbounded(shape=(1,), dtype=torch.float32)
         self.done_spec = Composite({key: Categorical(2, shape=(1,), dtype=torch.bool)
-                                    for key in ("done", "terminated", "truncated")})
+                                    for key in (DONE, TERMINATED, TRUNCATED)})
 
     def _observe(self, state: np.ndarray, success: bool) -> TensorDict:
         self.raw_observation = state
@@ -262,31 +263,31 @@ class MetaWorldEnv(EnvBase):
         if self.renderer is None:
             obs = vector
         else:
-            obs = TensorDict({"pixels": torch.from_numpy(self.renderer.render(self.sim.data)),
-                              "proprio": vector[:PROPRIO_DIM].clone()}, batch_size=[])
+            obs = TensorDict({PIXELS: torch.from_numpy(self.renderer.render(self.sim.data)),
+                              PROPRIO: vector[:PROPRIO_DIM].clone()}, batch_size=[])
             if self.include_state:
                 obs["state"] = vector
-        return TensorDict({"observation": obs, "success": torch.tensor([success])}, batch_size=[])
+        return TensorDict({OBSERVATION: obs, SUCCESS: torch.tensor([success])}, batch_size=[])
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         state, _ = self.sim.reset()
         out = self._observe(state, False)
-        for key in ("done", "terminated", "truncated"):
+        for key in (DONE, TERMINATED, TRUNCATED):
             out[key] = torch.zeros(1, dtype=torch.bool)
         return out
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict["action"].detach().cpu().numpy().astype(np.float32)
+        action = tensordict[ACTION].detach().cpu().numpy().astype(np.float32)
         state, dense, _, truncated, info = self.sim.step(action)
         success = bool(info["success"])
         reward = float(success) if self.reward_mode == "sparse" else float(dense)
         terminated = success and self.terminate_on_success
         truncated = bool(truncated) and not terminated
         out = self._observe(state, success)
-        out["reward"] = torch.tensor([reward], dtype=torch.float32)
-        out["terminated"] = torch.tensor([terminated])
-        out["truncated"] = torch.tensor([truncated])
-        out["done"] = torch.tensor([terminated or truncated])
+        out[REWARD] = torch.tensor([reward], dtype=torch.float32)
+        out[TERMINATED] = torch.tensor([terminated])
+        out[TRUNCATED] = torch.tensor([truncated])
+        out[DONE] = torch.tensor([terminated or truncated])
         return out
 
     def _set_seed(self, seed: int | None) -> None:

@@ -37,6 +37,7 @@ from torchrl.envs import EnvBase
 
 from arsq_lightning.envs.core import EnvSpec, nested_obs_dim
 from arsq_lightning.errors import ConfigError, require
+from arsq_lightning.keys import ACTION, DONE, OBSERVATION, PIXELS, PROPRIO, REWARD, TERMINATED, TRUNCATED
 
 CAMERAS = ("front", "wrist", "left_shoulder", "right_shoulder")
 PROPRIO_DIM = 8  # 7 joint positions + gripper open
@@ -142,7 +143,7 @@ def convert_observation(obs, cameras: Sequence[str] = CAMERAS) -> dict[str, np.n
             raise ConfigError(f"the RLBench observation has no {camera}_rgb image (enable that camera)")
         images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
     proprio = np.append(np.asarray(obs.joint_positions, dtype=np.float32), np.float32(obs.gripper_open))
-    return {"pixels": np.stack(images), "proprio": proprio.astype(np.float32)}
+    return {PIXELS: np.stack(images), PROPRIO: proprio.astype(np.float32)}
 
 
 # --- the env ------------------------------------------------------------------------------------------------------
@@ -184,19 +185,19 @@ class RLBenchEnv(EnvBase):
         _, obs = self._task.reset()
         self._steps = 0
         false = torch.zeros(1, dtype=torch.bool)
-        return TensorDict({"observation": self._observation(obs), "done": false, "terminated": false.clone(),
-                           "truncated": false.clone()}, [])
+        return TensorDict({OBSERVATION: self._observation(obs), DONE: false, TERMINATED: false.clone(),
+                           TRUNCATED: false.clone()}, [])
 
     def _step(self, tensordict: TensorDictBase) -> TensorDict:
-        action = tensordict["action"].detach().cpu().numpy().astype(np.float32)
+        action = tensordict[ACTION].detach().cpu().numpy().astype(np.float32)
         obs, reward, success = self._task.step(action)
         self._steps += 1
         terminated = bool(success)
         truncated = not terminated and self._steps >= self.episode_length
-        return TensorDict({"observation": self._observation(obs),
-                           "reward": torch.tensor([float(reward)], dtype=torch.float32),
-                           "done": torch.tensor([terminated or truncated]), "terminated": torch.tensor([terminated]),
-                           "truncated": torch.tensor([truncated])}, [])
+        return TensorDict({OBSERVATION: self._observation(obs),
+                           REWARD: torch.tensor([float(reward)], dtype=torch.float32),
+                           DONE: torch.tensor([terminated or truncated]), TERMINATED: torch.tensor([terminated]),
+                           TRUNCATED: torch.tensor([truncated])}, [])
 
     def _set_seed(self, seed: int | None) -> None:
         if seed is not None:  # RLBench samples variations and object poses from NumPy's global RNG
@@ -268,7 +269,7 @@ def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = N
 def rlbench_env_spec(*, image_size: int = 84, cameras: Sequence[str] = CAMERAS, action_low: Sequence[float],
                      action_high: Sequence[float]) -> EnvSpec:
     """The :class:`EnvSpec` of an RLBench env with these settings (no simulator needed)."""
-    shapes = {"pixels": [len(cameras), 3, int(image_size), int(image_size)], "proprio": [PROPRIO_DIM]}
+    shapes = {PIXELS: [len(cameras), 3, int(image_size), int(image_size)], PROPRIO: [PROPRIO_DIM]}
     return EnvSpec(obs_dim=nested_obs_dim(shapes), action_low=list(action_low),
                    action_high=list(action_high), observation_shapes=shapes, success_reward=True)
 

@@ -22,6 +22,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from arsq_lightning.errors import require
+from arsq_lightning.keys import PIXELS
 from arsq_lightning.nets.augment import RandomShift
 from arsq_lightning.nets.layers import activation_module
 
@@ -142,7 +143,7 @@ class MultiViewCNNEncoder(nn.Module):
     def __init__(self, observation_shapes: dict[str, list[int]] | int, *, channels: Sequence[int] = (32, 64, 128, 256),
                  kernel_size: int = 4, strides: Sequence[int] = (2, 2, 2, 2), padding: int = 1,
                  norm: str = "channel_layer_norm", activation: str = "silu", augment_pad: int = 4,
-                 feature_dim: int | None = None, proprio_dim: int | None = None, pixels_key: str = "pixels"):
+                 feature_dim: int | None = None, proprio_dim: int | None = None, pixels_key: str = PIXELS):
         super().__init__()
         require(isinstance(observation_shapes, dict) and pixels_key in observation_shapes,
                 f"{type(self).__name__} needs a nested observation with a {pixels_key!r} entry (a pixel env), "
@@ -188,7 +189,7 @@ class DrQEncoder(MultiViewCNNEncoder):
     def __init__(self, observation_shapes: dict[str, list[int]] | int, *, channels: Sequence[int] = (32, 32, 32, 32),
                  kernel_size: int = 3, strides: Sequence[int] = (2, 1, 1, 1), padding: int = 0,
                  norm: str = "group_norm", activation: str = "silu", augment_pad: int = 4,
-                 feature_dim: int | None = None, proprio_dim: int | None = None, pixels_key: str = "pixels"):
+                 feature_dim: int | None = None, proprio_dim: int | None = None, pixels_key: str = PIXELS):
         super().__init__(observation_shapes, channels=channels, kernel_size=kernel_size, strides=strides,
                          padding=padding, norm=norm, activation=activation, augment_pad=augment_pad,
                          feature_dim=feature_dim, proprio_dim=proprio_dim, pixels_key=pixels_key)

@@ -16,6 +16,7 @@ from torch import Tensor
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.base import Loss
 from arsq_lightning.errors import require
+from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, NEXT_REWARD, NEXT_TERMINATED, OBSERVATION
 
 Conservative = Literal["none", "cql", "margin"]
 DemoReduction = Literal["demo_mean", "batch_mean", "sum_all"]
@@ -89,7 +90,7 @@ class ARSQLoss(Loss):
 
     def __init__(self, *, gamma: float = 0.99, td_weight: float = 1.0, conservative: Conservative = "none",
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
-                 cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = "demo",
+                 cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = DEMO,
                  target_bounds: tuple[float, float] | None = None,
                  bootstrap: Literal["soft_value", "double_q"] = "soft_value"):
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
@@ -113,10 +114,10 @@ class ARSQLoss(Loss):
     def __call__(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
         """Returns the terms ``loss_td`` and ``loss_conservative`` (to minimise, summed) and detached diagnostics
         ``q``, ``target`` and, with ``target_bounds``, ``target_clipped`` (the share of targets the bounds clamp)."""
-        q, adv, codes = critic.evaluate(batch["observation"], batch["action"])
-        reward = batch["next", "reward"].reshape(-1).to(q.dtype)
-        not_terminal = 1.0 - batch["next", "terminated"].reshape(-1).to(q.dtype)
-        next_obs = batch["next", "observation"]
+        q, adv, codes = critic.evaluate(batch[OBSERVATION], batch[ACTION])
+        reward = batch[NEXT_REWARD].reshape(-1).to(q.dtype)
+        not_terminal = 1.0 - batch[NEXT_TERMINATED].reshape(-1).to(q.dtype)
+        next_obs = batch[NEXT_OBSERVATION]
         double_q = self.bootstrap == "double_q"
         next_value = critic.double_q_value(next_obs) if double_q else critic.target_value(next_obs)
         target = reward + self.gamma * not_terminal * next_value

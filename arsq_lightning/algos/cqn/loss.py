@@ -14,6 +14,7 @@ from torch import Tensor
 from arsq_lightning.algos.base import Loss
 from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.errors import require
+from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, NEXT_REWARD, NEXT_TERMINATED, OBSERVATION
 
 
 def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support: Tensor) -> Tensor:
@@ -84,7 +85,7 @@ class CQNLoss(Loss):
     critic_type = CQNCritic
 
     def __init__(self, *, gamma: float = 0.99, critic_weight: float = 1.0, fosd_weight: float = 0.0,
-                 margin_weight: float = 0.0, margin: float = 1.0, demo_key: str = "demo"):
+                 margin_weight: float = 0.0, margin: float = 1.0, demo_key: str = DEMO):
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
         require(min(critic_weight, fosd_weight, margin_weight) >= 0, "CQN loss weights must be >= 0")
         self.gamma, self.critic_weight, self.fosd_weight = gamma, critic_weight, fosd_weight
@@ -101,11 +102,11 @@ class CQNLoss(Loss):
         head = critic.head
         require(head.atoms > 1 or self.fosd_weight == 0,
                 "model.loss fosd_weight needs a distributional head (atoms > 1)")
-        logits, codes = critic.evaluate(batch["observation"], batch["action"])  # [B, L, D, K, A], [B, L, D]
+        logits, codes = critic.evaluate(batch[OBSERVATION], batch[ACTION])  # [B, L, D, K, A], [B, L, D]
         data_logits = at_bins(logits, codes)  # [B, L, D, A]
-        reward = batch["next", "reward"].reshape(-1).to(logits.dtype)
-        discount = self.gamma * (1.0 - batch["next", "terminated"].reshape(-1).to(logits.dtype))
-        target, clipped = self._target(critic, batch["next", "observation"], reward, discount)  # [B, L, D, A]
+        reward = batch[NEXT_REWARD].reshape(-1).to(logits.dtype)
+        discount = self.gamma * (1.0 - batch[NEXT_TERMINATED].reshape(-1).to(logits.dtype))
+        target, clipped = self._target(critic, batch[NEXT_OBSERVATION], reward, discount)  # [B, L, D, A]
         if head.atoms == 1:
             per_position = (data_logits - target).pow(2).squeeze(-1)  # [B, L, D]
         else:
