@@ -6,7 +6,7 @@ The building blocks compose in user code; see the README's "Compose your own" se
 from arsq_lightning.algos.arsq.critic import ARSQCritic, soft_advantages
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss, conservative_penalty
-from arsq_lightning.algos.base import Critic, Loss, total_loss
+from arsq_lightning.algos.base import Critic, Head, Loss, total_loss
 from arsq_lightning.algos.cqn.critic import CQNCritic
 from arsq_lightning.algos.cqn.head import CQNHead
 from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection
@@ -19,14 +19,14 @@ from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env, stack_frame
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.module import ARSQModule
 from arsq_lightning.nets.augment import RandomShift, random_shift
-from arsq_lightning.nets.encoders import DrQEncoder, FlattenEncoder, MLPEncoder, MultiViewCNNEncoder
+from arsq_lightning.nets.encoders import DrQEncoder, Encoder, FlattenEncoder, MLPEncoder, MultiViewCNNEncoder
 from arsq_lightning.policy import ARSQActor, make_actor
 
 __version__ = "0.1.0"
 __all__ = [
     "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CQNCritic", "CQNHead", "CQNLoss",
     "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "Critic", "DemoSplit", "Discretizer", "DrQEncoder",
-    "EnvSpec", "Loss",
+    "Encoder", "EnvSpec", "Head", "Loss",
     "FlattenEncoder", "MLPEncoder", "MultiViewCNNEncoder", "OfflineToOnlineDataModule", "OnlineDataModule",
     "QuantileDiscretizer", "RandomShift", "c51_projection", "check_against_env", "conservative_penalty",
     "env_spec_of", "make_actor", "make_env", "normalized_score", "random_shift", "read_d4rl_hdf5", "read_minari",

@@ -112,8 +112,6 @@ class CoarseToFineDiscretizer(Discretizer):
     Args:
         low: lower action bound, one value per dimension ``[D]``.
         high: upper action bound ``[D]``.
-
-    Keyword Args:
         levels: ``L``, number of zoom-in levels (>= 1), or one per dim.
         bins: ``K``, bins per level (>= 2), or one per dim.
 
@@ -254,10 +252,10 @@ class QuantileDiscretizer(CoarseToFineDiscretizer):
     Until :meth:`fit` is called the map is the uniform one.
 
     Args:
-        low, high: action bounds ``[D]``.
-
-    Keyword Args:
-        levels, bins: as :class:`CoarseToFineDiscretizer`.
+        low: lower action bound ``[D]``.
+        high: upper action bound ``[D]``.
+        levels: as :class:`CoarseToFineDiscretizer`.
+        bins: as :class:`CoarseToFineDiscretizer`.
         knots: quantile intervals per dimension (the CDF is linear inside each).
         uniform_mix: weight of the uniform map in ``[0, 1]`` (0: pure quantiles; must be > 0 if the data has atoms).
     """

@@ -20,18 +20,18 @@ from torch import Tensor, nn
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
-from arsq_lightning.algos.base import Critic, Loss, total_loss
+from arsq_lightning.algos.base import Critic, Head, Loss, total_loss
 from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer, Preemption
 from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.errors import ConfigError, TrainingDiverged
-from arsq_lightning.nets.encoders import FlattenEncoder
+from arsq_lightning.nets.encoders import Encoder, FlattenEncoder
 
-EncoderFactory = Callable[[int], nn.Module]
+EncoderFactory = Callable[[int], Encoder]
 DiscretizerFactory = Callable[[list, list], Discretizer]
-HeadFactory = Callable[[int, int, int, int], nn.Module]
-CriticFactory = Callable[[nn.Module, Discretizer, nn.Module], Critic]
+HeadFactory = Callable[[int, int, int, int], Head]
+CriticFactory = Callable[[Encoder, Discretizer, Head], Critic]
 
 
 def _adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -43,8 +43,6 @@ class ARSQModule(L.LightningModule):
 
     Args:
         env_spec: observation size and action bounds (linked from the data module by the CLI).
-
-    Keyword Args:
         encoder: ``obs_dim -> module`` (default :class:`FlattenEncoder`).
         discretizer: ``(low, high) -> discretizer`` (default :class:`CoarseToFineDiscretizer`, 3 levels x 5 bins).
         head: ``(feature_dim, action_dim, levels, bins) -> head`` (default :class:`AutoregressiveHead`).

@@ -17,6 +17,11 @@ from torch import Tensor, nn
 from arsq_lightning.discretizers import Discretizer
 
 
+class Head(nn.Module):
+    """An algorithm's value network(s) over the discretised actions, built as ``head(feature_dim, action_dim, levels,
+    bins)``; the algorithm's critic reads it (ARSQ: :class:`AutoregressiveHead`, CQN: :class:`CQNHead`)."""
+
+
 class Critic(nn.Module):
     """Encoder + discretizer + head, plus a target copy of the head.
 
@@ -26,7 +31,7 @@ class Critic(nn.Module):
         head: the algorithm's value network(s).
     """
 
-    def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module):
+    def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: Head):
         super().__init__()
         self.encoder, self.discretizer, self.head = encoder, discretizer, head
         self.target_head = copy.deepcopy(head).requires_grad_(False)

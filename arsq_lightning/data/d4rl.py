@@ -103,8 +103,6 @@ def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: f
 
     Args:
         data: TED TensorDict ``[T]`` with an ``episode`` id per row.
-
-    Keyword Args:
         demo_percentile, demo_ratio: the window (official defaults 0 and 100: the whole dataset).
         reward_scale, reward_bias: ``r <- r * scale + bias``.
         drop_timeouts: drop transitions that end by time-out (the official code does).

@@ -172,8 +172,6 @@ def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> Te
 
     Args:
         dataset_id: e.g. ``mujoco/hopper/medium-v0``.
-
-    Keyword Args:
         root: the Minari store (default: ``$MINARI_DATASETS_PATH`` or Minari's own default).
     """
     dataset = _load_minari(dataset_id, root)

@@ -38,12 +38,13 @@ class OfflineToOnlineDataModule(OnlineDataModule):
 
     Args:
         env_id: gymnasium id of the online / evaluation env (e.g. ``Hopper-v5``).
-
-    Keyword Args:
         dataset: a D4RL-layout ``.hdf5`` path (``~`` expanded), or ``minari:<dataset id>`` for a local Minari store.
         minari_root: the Minari store for ``minari:`` datasets (default ``$MINARI_DATASETS_PATH``).
-        demo_percentile, demo_ratio: demo window over return-sorted transitions (official: 0 and 100 = all).
-        reward_scale, reward_bias: ``r * scale + bias`` for dataset and online rewards. ``auto`` (default) takes
+        demo_percentile: centre of the demo window over the return-sorted transitions, in percent (clamped so the
+            window fits; official 0; 100 with ``demo_ratio`` 50 is the best half).
+        demo_ratio: the demo window's size in percent of the transitions (official 100 = all).
+        reward_bias: added to every scaled reward (dataset and online).
+        reward_scale: ``r * scale + bias`` for dataset and online rewards. ``auto`` (default) takes
             ``1 / max |G|`` over the dataset's discounted returns-to-go ``G`` (discount ``value_gamma``), so values
             are of unit size and ``soft_alpha`` and the conservative clips mean the same on every task; a number
             fixes it (the official D4RL configs: 1). Evaluation returns stay in the env's units.

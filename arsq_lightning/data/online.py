@@ -82,8 +82,6 @@ class OnlineDataModule(L.LightningDataModule):
 
     Args:
         env_id: gymnasium id (``Pendulum-v1``, ``Hopper-v5``, ...).
-
-    Keyword Args:
         seed: base seed; rank ``r`` uses ``seed + 1000 * r`` for its env, buffer sampling and exploration.
             ``None``: the CLI's ``seed_everything`` (0 outside the CLI).
         max_episode_steps: time limit (``None`` keeps gymnasium's).

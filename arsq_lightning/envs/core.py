@@ -78,8 +78,6 @@ def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None
 
     Args:
         env_id: gymnasium id, e.g. ``Pendulum-v1`` or ``Hopper-v5``.
-
-    Keyword Args:
         seed: env seed.
         max_episode_steps: time limit passed to gymnasium (``None`` keeps the registered one).
         **env_kwargs: forwarded to ``gymnasium.make``.

@@ -198,8 +198,6 @@ class MetaWorldEnv(EnvBase):
 
     Args:
         name: task name, e.g. ``reach-v3``.
-
-    Keyword Args:
         seed: seed of the task-instance generator (goal and object positions at each reset).
         max_episode_steps: truncation length (``None``: Meta-World's 500).
         observation: ``state`` (flat 39-d vector) or ``pixels`` (nested pixels + proprio [+ state]).

@@ -152,12 +152,11 @@ class RLBenchEnv(EnvBase):
 
     Args:
         task: the task environment: ``reset() -> (descriptions, obs)``, ``step(action) -> (obs, reward, success)``.
-
-    Keyword Args:
         episode_length: time limit in agent steps.
         image_size: camera resolution (square).
         cameras: camera names, in view order.
-        action_low, action_high: the action box (8 values each).
+        action_low: the action box's lower corner (8 values).
+        action_high: the action box's upper corner (8 values).
         on_close: called when the env closes (shuts the simulator down).
     """
 

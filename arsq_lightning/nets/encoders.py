@@ -27,7 +27,15 @@ from arsq_lightning.nets.augment import RandomShift
 from arsq_lightning.nets.layers import activation_module
 
 
-class FlattenEncoder(nn.Module):
+class Encoder(nn.Module):
+    """An observation encoder: ``forward(obs [B, ...]) -> features [B, out_dim]``, built as ``encoder(encoder_input)``
+    with ``obs_dim`` for flat observations or the ``observation_shapes`` dict for nested ones. Subclasses set
+    ``out_dim``."""
+
+    out_dim: int
+
+
+class FlattenEncoder(Encoder):
     """Pass the state through unchanged (flattening any trailing dims): ``[B, *obs_shape] -> [B, obs_dim]``.
 
     Args:
@@ -42,13 +50,11 @@ class FlattenEncoder(nn.Module):
         return obs.flatten(1) if obs.dim() > 2 else obs
 
 
-class MLPEncoder(nn.Module):
+class MLPEncoder(Encoder):
     """A shared MLP trunk: ``[B, obs_dim] -> [B, hidden_dims[-1]]``, optionally with LayerNorm before each activation.
 
     Args:
         obs_dim: observation size.
-
-    Keyword Args:
         hidden_dims: layer widths.
         activation: ``tanh``, ``relu``, ``silu`` or ``elu``.
         layer_norm: add LayerNorm after each linear layer.
@@ -108,7 +114,7 @@ def _projection(in_dim: int, out_dim: int | None) -> tuple[nn.Module, int]:
     return nn.Sequential(linear, nn.LayerNorm(out_dim), nn.Tanh()), out_dim
 
 
-class MultiViewCNNEncoder(nn.Module):
+class MultiViewCNNEncoder(Encoder):
     """One conv stack per camera view, fused with the low-dimensional entries (CQN's encoder, ALGORITHM.md §6.1).
 
     Input: the nested ``observation`` TensorDict ``[B]`` with ``pixels`` uint8 ``[B, V, C, H, W]`` (``C`` = 3 x frame
@@ -128,10 +134,10 @@ class MultiViewCNNEncoder(nn.Module):
 
     Args:
         observation_shapes: ``{"pixels": [V, C, H, W], ...}`` (what ``EnvSpec.encoder_input`` gives).
-
-    Keyword Args:
         channels: output channels of each conv layer (CQN: 32, 64, 128, 256).
-        kernel_size, strides, padding: conv geometry (one stride per layer).
+        kernel_size: conv kernel size (conv geometry).
+        strides: one stride per conv layer.
+        padding: conv padding.
         norm: ``channel_layer_norm`` (CQN RLBench), ``group_norm`` (GroupNorm(1) per view, CQN DMC) or ``none``.
         activation: ``silu`` (CQN), ``relu``, ...
         augment_pad: random-shift padding (0: no augmentation).

@@ -44,8 +44,6 @@ class ARSQCritic(Critic):
         discretizer: maps env actions to codes ``[B, L, D]`` and builds conditioning vectors.
         head: e.g. :class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead`, with ``value`` / ``advantage_logits`` /
             ``position_logits``.
-
-    Keyword Args:
         soft_alpha: ``alpha_s``, temperature normalising advantages in training (> 0).
         act_alpha: ``alpha_a``, temperature when acting; ``None`` uses ``soft_alpha`` (as every official config).
         act_network: ``online`` (official D4RL) or ``target`` (official RLBench) networks select actions (§3.4).

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from arsq_lightning.algos.base import Head
 from arsq_lightning.errors import require
 from arsq_lightning.nets.layers import EnsembleLinear, EnsembleMLP, orthogonal_
 
@@ -36,7 +37,7 @@ def dim_groups(action_dim: int, groups: int | Sequence[Sequence[int]]) -> list[l
     return result
 
 
-class AutoregressiveHead(nn.Module):
+class AutoregressiveHead(Head):
     """Twin soft-Q critic networks over a level-major action sequence.
 
     Args:
@@ -44,8 +45,6 @@ class AutoregressiveHead(nn.Module):
         action_dim: ``D``.
         levels: ``L``.
         bins: ``K``.
-
-    Keyword Args:
         hidden_dims: MLP widths (official D4RL: three layers of 512).
         activation: hidden activation (official D4RL: ``tanh``).
         qchunk: positions per advantage MLP; ``-1`` means all ``N`` (one shared trunk). Must divide ``N``.

@@ -67,12 +67,14 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
 class ARSQLoss(Loss):
     """Soft Bellman + conservative loss of one batch.
 
-    Keyword Args:
+    Args:
         gamma: discount.
         td_weight: ``lambda_TD`` (``bellman_loss_coef``).
         conservative: ``none``, ``cql`` or ``margin``; applied only to samples with ``demo`` true.
         conservative_weight: ``lambda_c`` (``cql_min_q_weight``).
-        clip_min, clip_max: ``cql_clip_diff_min`` / ``_max``.
+        clip_min: lower clip of each per-position difference (``cql_clip_diff_min``; ``-m`` is a hinge with margin
+            ``m``).
+        clip_max: upper clip (``cql_clip_diff_max``).
         cql_temperature: ``cql_temp`` of the ``cql`` variant.
         demo_reduction: see :func:`conservative_penalty`.
         demo_key: batch key of the demo flag; a batch without it has no demos.

@@ -32,8 +32,6 @@ class CQNCritic(Critic):
         encoder: ``obs [B, ...] -> features [B, F]``.
         discretizer: the action grid.
         head: a :class:`CQNHead`.
-
-    Keyword Args:
         act_network: ``online`` (official D4RL port, DMC) or ``target`` (official RLBench) networks select actions.
         exploration_std: std of the Gaussian noise added in unit space when exploring (D4RL 0.1, RLBench 0.01).
         tie_tolerance: a dim whose ``max_b Q - min_b Q`` is below this picks a uniformly random bin (official 1e-4).

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from arsq_lightning.algos.base import Head
 from arsq_lightning.errors import require
 
 
@@ -28,7 +29,7 @@ def _stream(feature_dim: int, action_dim: int, levels: int, trunk_dim: int,
     return nn.ModuleDict({"trunk": trunk, "mlp": nn.Sequential(*layers)})
 
 
-class CQNHead(nn.Module):
+class CQNHead(Head):
     """CQN's critic: value and advantage streams, ``logits[d, b] = V[d] + A[d, b] - mean_b A[d, b]`` per atom.
 
     Args:
@@ -36,10 +37,9 @@ class CQNHead(nn.Module):
         action_dim: ``D``.
         levels: ``L``.
         bins: ``K``.
-
-    Keyword Args:
         atoms: C51 atoms ``A``; ``1`` makes the outputs plain Q values (the non-distributional variant).
-        v_min, v_max: support of the value distribution (official D4RL port 0 / 4000, RLBench -2 / 2, DMC 0 / 200).
+        v_min: lower end of the value distribution's support (official D4RL port 0, RLBench -2, DMC 0).
+        v_max: upper end of the support (official D4RL port 4000, RLBench 2, DMC 200).
         trunk_dim: width of each stream's feature trunk (official 64).
         hidden_dims: stream MLP widths (official two layers of 512).
     """

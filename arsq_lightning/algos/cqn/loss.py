@@ -72,7 +72,7 @@ def _mean_over_bins(terms: Tensor, valid: Tensor | None) -> Tensor:
 class CQNLoss(Loss):
     """CQN's loss of one batch (TorchRL layout as :class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`).
 
-    Keyword Args:
+    Args:
         gamma: discount.
         critic_weight: ``critic_lambda`` on the TD term (official D4RL 1.0, RLBench 0.1).
         fosd_weight: weight of the FOSD term on demo samples (official ``bc_lambda``; the D4RL port applies its
