@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 import zipfile
 
 import torch
@@ -40,11 +41,13 @@ from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 
 from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
 from arsq_lightning.module import ARSQModule
+from arsq_lightning.shipped_configs import describe_configs, resolve_config_args
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-regressive soft Q-learning over "
                "coarse-to-fine discretised actions, and the CQN baseline) online, from datasets or from "
-               "demonstrations, with runs tracked in MLflow. Start with: arsq fit --config configs/quickstart.yaml")
+               "demonstrations, with runs tracked in MLflow. Start with: arsq fit --config quickstart (a shipped "
+               "config's name or a path; `arsq configs` lists them)")
 
 
 class MLflowSaveConfig(SaveConfigCallback):
@@ -343,8 +346,17 @@ def _with_ckpt_path(args: list[str] | None, checkpoint: str) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message."""
+    """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message.
+
+    ``arsq configs`` lists the shipped configs; ``--config`` takes a path or a shipped config's name."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["configs"]:
+        print(describe_configs())
+        return
+    # the resolved arguments replace sys.argv's: Lightning warns about passing both, which is intended here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
+        args = resolve_config_args(args)
         build_cli(args)
     except Preempted as exc:
         print(f"arsq: {exc}", file=sys.stderr)
