@@ -1,4 +1,4 @@
-"""Atomic local checkpoints: a half-written file is never visible under the checkpoint's name.
+"""Atomic local checkpoints (a half-written file is never visible under the checkpoint's name), and a checked read.
 
 Lightning's default writer goes through an fsspec transaction whose temporary file lives in ``TMPDIR``; when that is on
 another filesystem the final move is a copy, and a kill during it leaves a truncated ``last.ckpt``. Here the
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from arsq_lightning.errors import ConfigError, require
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,3 +41,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
+
+
+def check_checkpoint(path: str) -> dict:
+    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint;
+    returns the checkpoint (tensors memory-mapped)."""
+    require(os.path.isfile(path), f"--ckpt_path {path}: no such file")
+    require(zipfile.is_zipfile(path), f"--ckpt_path {path}: not a complete checkpoint file (truncated, or not saved "
+            "by torch.save)")
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
+        raise ConfigError(f"--ckpt_path {path}: cannot be read as a checkpoint ({err})") from None
+    keys = set(saved) if isinstance(saved, dict) else {type(saved).__name__}
+    require({"state_dict", "global_step"} <= keys, f"--ckpt_path {path}: not a Lightning checkpoint of this project "
+            f"(it holds {sorted(keys)[:5]})")
+    return saved

@@ -23,7 +23,6 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-import zipfile
 
 import torch
 import yaml
@@ -36,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from arsq_lightning.callbacks import Preemption
-from arsq_lightning.checkpoint_io import AtomicCheckpointIO
+from arsq_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
@@ -47,7 +46,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-regressive soft Q-learning over "
                "coarse-to-fine discretised actions, and the CQN baseline) online, from datasets or from "
                "demonstrations, with runs tracked in MLflow. Start with: arsq fit --config quickstart (a shipped "
-               "config's name or a path; `arsq configs` lists them)")
+               "config's name or a path; `arsq configs` lists them). Deploy a checkpoint's policy with: "
+               "arsq export --ckpt_path CKPT --out policy.pt2")
 
 
 class MLflowSaveConfig(SaveConfigCallback):
@@ -276,22 +276,6 @@ def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
                 log.setLevel(levels[name])
 
 
-def check_checkpoint(path: str) -> dict:
-    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint;
-    returns the checkpoint (tensors memory-mapped)."""
-    require(os.path.isfile(path), f"--ckpt_path {path}: no such file")
-    require(zipfile.is_zipfile(path), f"--ckpt_path {path}: not a complete checkpoint file (truncated, or not saved "
-            "by torch.save)")
-    try:
-        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same one-line error
-        raise ConfigError(f"--ckpt_path {path}: cannot be read as a checkpoint ({err})") from None
-    keys = set(saved) if isinstance(saved, dict) else {type(saved).__name__}
-    require({"state_dict", "global_step"} <= keys, f"--ckpt_path {path}: not a Lightning checkpoint of this project "
-            f"(it holds {sorted(keys)[:5]})")
-    return saved
-
-
 def _trainer_defaults() -> dict:
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     return {
@@ -348,7 +332,8 @@ def _with_ckpt_path(args: list[str] | None, checkpoint: str) -> list[str]:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``arsq`` console script; bad settings exit with status 2 and a one-line message.
 
-    ``arsq configs`` lists the shipped configs; ``--config`` takes a path or a shipped config's name."""
+    ``arsq configs`` lists the shipped configs; ``arsq export`` writes a checkpoint's policy
+    (:mod:`arsq_lightning.export`); ``--config`` takes a path or a shipped config's name."""
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["configs"]:
         print(describe_configs())
@@ -356,6 +341,11 @@ def main(args: list[str] | None = None) -> None:
     # the resolved arguments replace sys.argv's: Lightning warns about passing both, which is intended here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
+        if args[:1] == ["export"]:
+            from arsq_lightning.export import export_main  # the export imports the module, which imports nothing here
+
+            export_main(args[1:])
+            return
         args = resolve_config_args(args)
         build_cli(args)
     except Preempted as exc:

@@ -45,6 +45,7 @@ from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.algos.base import total_loss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.envs.core import EnvSpec
+from arsq_lightning.export import export_policy
 from arsq_lightning.module import ARSQModule
 
 import reference  # scripts/reference.py: the slow per-position implementation the tests also check against
@@ -283,6 +284,7 @@ def bench_acting(setup: Setup, args: argparse.Namespace) -> dict[tuple[int, str]
     """Seconds per action selection, ours (eager and compiled) vs reference, for every (batch, mode)."""
     critic, results = setup.module.critic, {}
     compiled = compiled_twin(critic)
+    exported = export_policy(critic, setup.shape.obs_dim).module()  # what `arsq export` writes (deterministic)
     for batch in ACT_BATCHES:
         obs = torch.randn(batch, setup.shape.obs_dim, device=setup.device)
         for mode in ("deterministic", "stochastic"):
@@ -294,6 +296,8 @@ def bench_acting(setup: Setup, args: argparse.Namespace) -> dict[tuple[int, str]
             fns = {"ours": partial(critic.act, obs, deterministic=det, generator=gens[0]),
                    "compiled": partial(compiled.act, obs, deterministic=det, generator=gens[2]),
                    "reference": partial(reference_act, setup.ref_critic, obs, deterministic=det, generator=gens[1])}
+            if det:
+                fns["exported"] = partial(exported, obs)
             results[batch, mode] = interleaved(fns, repeats=args.repeats, warmup=args.warmup,
                                                sync=synchronizer(setup.device))
     return results
@@ -328,11 +332,13 @@ def print_updates(name: str, shape: EnvShape, times: dict[str, float], mm_flops:
 
 
 def print_acting(name: str, results: dict[tuple[int, str], dict[str, float]]) -> None:
-    print("\naction selection latency (ms per call); compiled = compile_act=True (torch.compile)")
-    print(f"  {'batch':>5s}  {'mode':13s} {'ours':>8s} {'compiled':>9s} {'reference':>10s} {'ref/ours':>8s} "
-          f"{'ref/compiled':>12s}")
+    print("\naction selection latency (ms per call); compiled = compile_act=True (torch.compile); exported = the "
+          "program `arsq export` writes (deterministic only)")
+    print(f"  {'batch':>5s}  {'mode':13s} {'ours':>8s} {'compiled':>9s} {'exported':>9s} {'reference':>10s} "
+          f"{'ref/ours':>8s} {'ref/compiled':>12s}")
     for (batch, mode), t in results.items():
-        times = f"{t['ours'] * 1e3:8.3f} {t['compiled'] * 1e3:9.3f} {t['reference'] * 1e3:10.3f}"
+        exported = f"{t['exported'] * 1e3:9.3f}" if "exported" in t else f"{'n/a':>9s}"
+        times = f"{t['ours'] * 1e3:8.3f} {t['compiled'] * 1e3:9.3f} {exported} {t['reference'] * 1e3:10.3f}"
         ratios = f"{fmt_ratio(t['reference'], t['ours']):>8s} {fmt_ratio(t['reference'], t['compiled']):>12s}"
         print(f"  {batch:5d}  {mode:13s} {times} {ratios}")
     for variant in ("ours", "compiled"):
