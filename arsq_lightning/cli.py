@@ -41,6 +41,7 @@ from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
 from arsq_lightning.module import ARSQModule
 from arsq_lightning.shipped_configs import describe_configs, resolve_config_args
+from arsq_lightning.tracking import run_params, run_tags
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-regressive soft Q-learning over "
@@ -51,13 +52,19 @@ DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-re
 
 
 class MLflowSaveConfig(SaveConfigCallback):
-    """Store the fully resolved config as ``config.yaml`` in the MLflow run (instead of a file in the log dir)."""
+    """Store the fully resolved config as ``config.yaml`` in the MLflow run (instead of a file in the log dir), with
+    the run's tags and trainer params (:mod:`arsq_lightning.tracking`)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 text = self.parser.dump(self.config, skip_none=False)
                 logger.experiment.log_text(logger.run_id, text, "config.yaml")
+                command = self.config.get("subcommand") or trainer.state.fn.value
+                config = self.config[command] if self.config.get("subcommand") else self.config
+                for key, value in run_tags(config, command, type(pl_module.critic).__name__).items():
+                    logger.experiment.set_tag(logger.run_id, key, value)
+                logger.log_hyperparams(run_params(config))
 
 
 class ArsqCLI(LightningCLI):
@@ -195,9 +202,9 @@ class ArsqCLI(LightningCLI):
 
 
 def default_run_name(config) -> str:
-    """``<first config file>-s<seed>-<date-time>``, e.g. ``quickstart-s0-20261202-091500``."""
+    """``<last config file>-s<seed>-<date-time>``, e.g. ``quickstart-s0-20261202-091500``."""
     files = config.get("config") or []
-    stem = os.path.splitext(os.path.basename(str(files[0])))[0] if files else "arsq"
+    stem = os.path.splitext(os.path.basename(str(files[-1])))[0] if files else "arsq"  # an overlay names the run
     return f"{stem}-s{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import arsq_lightning
 from arsq_lightning import ARSQModule, AutoregressiveHead, CQNCritic, CQNHead, CQNLoss, OnlineDataModule
 from arsq_lightning.cli import build_cli, main
 
@@ -98,6 +99,11 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     assert run.data.metrics["eval/episodes"] == 2
     assert run.info.run_name.startswith("quickstart-s0-")  # <config>-s<seed>-<time>, not MLflow's seeded name
     assert run.data.params["critic/init_args/soft_alpha"] == "0.01"
+    assert run.data.params["seed_everything"] == "0" and run.data.params["trainer/max_steps"] == str(steps)
+    tags = run.data.tags
+    assert (tags["arsq.algorithm"], tags["arsq.env_id"], tags["arsq.command"]) == ("ARSQ", "Pendulum-v1", "fit")
+    assert tags["arsq.config"] == str(QUICKSTART) and tags["arsq.version"] == arsq_lightning.__version__
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")  # the tests run in a checkout
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "last" in artifacts
     assert any(a.path.endswith(".ckpt") for a in client.list_artifacts(run.info.run_id, "last"))
@@ -110,6 +116,9 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     assert validate.trainer.callback_metrics["eval/return_mean"].item() == pytest.approx(final_return, rel=1e-6)
     test = build_cli(["test", "--config", str(QUICKSTART), *TINY, "--ckpt_path", ckpt])
     assert test.trainer.callback_metrics["test/return_mean"].item() == pytest.approx(final_return, rel=1e-6)
+    evaluations = client.search_runs([run.info.experiment_id], "tags.`arsq.command` != 'fit'")
+    assert sorted(r.data.tags["arsq.command"] for r in evaluations) == ["test", "validate"]
+    assert all(r.data.tags["arsq.ckpt_path"] == ckpt for r in evaluations)  # which checkpoint they evaluated
 
 
 def test_checkpoint_reload_gives_identical_deterministic_actions(monkeypatch, tmp_path):
