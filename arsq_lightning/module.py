@@ -97,12 +97,14 @@ class ARSQModule(L.LightningModule):
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
         out = self.loss_fn(self.critic, batch)
         out = {"loss": total_loss(out), **out}
-        bad = [name for name, value in out.items() if not bool(torch.isfinite(value).all())]
-        if bad:  # stop before the optimiser step, so the weights stay those that met this batch
+        # One host sync per update: a non-finite term makes the sum non-finite. Stop before the optimiser step, so
+        # the weights stay those that met this batch.
+        if not bool(torch.isfinite(out["loss"])):
+            bad = [name for name, value in out.items() if not bool(torch.isfinite(value).all())]
             raise TrainingDiverged(f"non-finite {', '.join('train/' + name for name in bad)} at update "
                                    f"{self.trainer.global_step}")
-        size = batch.shape[0]
-        self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=size, prog_bar=False)
+        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # Lightning's logging steps
+            self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=batch.shape[0], prog_bar=False)
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -97,6 +97,8 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
                 "train/grad_updates", "time/fps", "time/updates_per_s"):
         assert key in run.data.metrics, key
     assert run.data.metrics["eval/episodes"] == 2
+    # training metrics are computed and logged on Lightning's logging steps only (log_every_n_steps 5 in TINY)
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == steps // 5
     assert run.info.run_name.startswith("quickstart-s0-")  # <config>-s<seed>-<time>, not MLflow's seeded name
     assert run.data.params["critic/init_args/soft_alpha"] == "0.01"
     assert run.data.params["seed_everything"] == "0" and run.data.params["trainer/max_steps"] == str(steps)
