@@ -62,6 +62,17 @@ def returns_to_go(data: TensorDict, gamma: float) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+def max_reward_scale(data: TensorDict) -> float:
+    """``1 / max_t |r_t|``: the largest per-step reward becomes 1, as with a 0/1 success reward (for which the
+    official RLBench temperature and margin were tuned). All-zero rewards keep scale 1, with a warning."""
+    largest = float(data[NEXT_REWARD].abs().max())
+    if largest == 0:
+        warnings.warn("reward_scale max_reward: every reward in the dataset is zero, so rewards keep scale 1",
+                      stacklevel=2)
+        return 1.0
+    return 1.0 / largest
+
+
 def auto_reward_scale(data: TensorDict, gamma: float) -> float:
     """``1 / max_t |G_t|`` over the dataset's discounted returns-to-go: rewards times this give values of about unit
     size whatever the reward's units (a sparse 0/1 success reward keeps scale 1). A dataset whose rewards are all zero

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from arsq_lightning.data.d4rl import DemoSplit, auto_reward_scale, split_demos
+from arsq_lightning.data.d4rl import DemoSplit, auto_reward_scale, max_reward_scale, split_demos
 from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari
 from arsq_lightning.data.online import TRANSITION_KEYS, DataStats, OnlineDataModule
 from arsq_lightning.envs.core import dataset_hint
@@ -47,7 +47,9 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         reward_scale: ``r * scale + bias`` for dataset and online rewards. ``auto`` (default) takes
             ``1 / max |G|`` over the dataset's discounted returns-to-go ``G`` (discount ``value_gamma``), so values
             are of unit size and ``soft_alpha`` and the conservative clips mean the same on every task; a number
-            fixes it (the official D4RL configs: 1). Evaluation returns stay in the env's units.
+            fixes it (the official D4RL configs: 1). ``max_reward`` takes ``1 / max |r|``, so the largest per-step
+            reward is 1 (as a 0/1 success reward); docs/benchmark.md compares the two. Evaluation returns stay in the
+            env's units.
         value_gamma: the discount of ``reward_scale: auto`` (use the loss's ``gamma``).
         clip_action: dataset actions are clipped to this fraction of the half-range around the centre (0.99999).
         drop_timeouts: drop dataset transitions that end by time-out (official).
@@ -62,7 +64,8 @@ class OfflineToOnlineDataModule(OnlineDataModule):
 
     def __init__(self, env_id: str = "Hopper-v5", *, dataset: str = "", minari_root: str | None = None,
                  demo_percentile: float = 0.0, demo_ratio: float = 100.0,
-                 reward_scale: float | Literal["auto"] = "auto", value_gamma: float = 0.99, reward_bias: float = 0.0,
+                 reward_scale: float | Literal["auto", "max_reward"] = "auto", value_gamma: float = 0.99,
+                 reward_bias: float = 0.0,
                  clip_action: float = 0.99999, drop_timeouts: bool = True,
                  demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,
                  trajectories_per_round: int = 0, relabel: bool = False, demo_buffer_factor: float = 2.0,
@@ -81,13 +84,14 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         require(pretrain_steps >= 0, f"data.pretrain_steps must be >= 0, got {pretrain_steps}")
         require(trajectories_per_round >= 0, f"data.trajectories_per_round must be >= 0, got {trajectories_per_round}")
         require(demo_buffer_factor >= 1.0, f"data.demo_buffer_factor must be >= 1, got {demo_buffer_factor}")
-        require(reward_scale == "auto" or (isinstance(reward_scale, (int, float)) and reward_scale > 0),
-                f"data.reward_scale must be 'auto' or a positive number, got {reward_scale!r}")
+        require(reward_scale in ("auto", "max_reward") or (isinstance(reward_scale, (int, float)) and reward_scale > 0),
+                f"data.reward_scale must be 'auto', 'max_reward' or a positive number, got {reward_scale!r}")
         require(0.0 <= value_gamma < 1.0, f"data.value_gamma must lie in [0, 1), got {value_gamma}")
         self.save_hyperparameters()
         self.demo_batch = round(batch_size * demo_fraction)
         dataset = self.load_dataset()
-        self.reward_scale = auto_reward_scale(dataset, value_gamma) if reward_scale == "auto" else float(reward_scale)
+        self.reward_scale = (auto_reward_scale(dataset, value_gamma) if reward_scale == "auto" else
+                             max_reward_scale(dataset) if reward_scale == "max_reward" else float(reward_scale))
         self.split: DemoSplit = split_demos(dataset, demo_percentile=demo_percentile,
                                             demo_ratio=demo_ratio, reward_scale=self.reward_scale,
                                             reward_bias=reward_bias, drop_timeouts=drop_timeouts)

@@ -13,7 +13,7 @@ from tensordict import TensorDict
 
 from arsq_lightning import ARSQModule, ConfigError, OfflineToOnlineDataModule, read_d4rl_hdf5, write_d4rl_hdf5
 from arsq_lightning.cli import build_cli
-from arsq_lightning.data.d4rl import auto_reward_scale, returns_to_go
+from arsq_lightning.data.d4rl import auto_reward_scale, max_reward_scale, returns_to_go
 
 from helpers import REPO, TINY, config_args, use_tmp_mlflow, write_random_dataset
 
@@ -59,7 +59,7 @@ def test_dataset_must_match_the_env(hopper_file):
         OfflineToOnlineDataModule("HalfCheetah-v5", dataset=str(hopper_file))
     with pytest.raises(ConfigError, match="data.dataset is empty"):
         OfflineToOnlineDataModule("Hopper-v5")
-    with pytest.raises(ConfigError, match="reward_scale must be 'auto' or a positive number, got -1.0"):
+    with pytest.raises(ConfigError, match="reward_scale must be 'auto', 'max_reward' or a positive number, got -1.0"):
         OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), reward_scale=-1.0)
 
 
@@ -166,9 +166,11 @@ def _fit_weights(config: Path, dataset: Path, *extra: str) -> dict[str, torch.Te
     return {k: v.clone() for k, v in cli.model.critic.state_dict().items()}
 
 
-def test_rescaled_rewards_train_the_default_recipe_identically(monkeypatch, tmp_path):
-    """``reward_scale: auto`` divides rewards by the dataset's largest discounted return-to-go, so the same data
-    with rewards x8 (a power of two: exact in floating point) trains bit-identical weights; a fixed scale does not."""
+@pytest.mark.parametrize("rule", ["auto", "max_reward"])
+def test_rescaled_rewards_train_the_default_recipe_identically(rule, monkeypatch, tmp_path):
+    """``reward_scale: auto`` divides rewards by the dataset's largest discounted return-to-go (``max_reward``: by
+    the largest reward), so the same data with rewards x8 (a power of two: exact in floating point) trains
+    bit-identical weights; a fixed scale does not."""
     import make_demos
 
     dense = tmp_path / "dense.hdf5"
@@ -180,7 +182,7 @@ def test_rescaled_rewards_train_the_default_recipe_identically(monkeypatch, tmp_
     write_d4rl_hdf5(scaled, data)
     use_tmp_mlflow(monkeypatch, tmp_path)
     config = REPO / "configs" / "metaworld" / "from_dataset.yaml"
-    first, second = _fit_weights(config, dense), _fit_weights(config, scaled)
+    first, second = (_fit_weights(config, path, "--data.reward_scale", rule) for path in (dense, scaled))
     assert all(torch.equal(first[k], second[k]) for k in first)
     fixed = _fit_weights(config, scaled, "--data.reward_scale", "1.0")
     assert not all(torch.equal(first[k], fixed[k]) for k in first)
@@ -196,3 +198,6 @@ def test_auto_reward_scale_is_one_over_the_largest_discounted_return():
     silent = TensorDict({"episode": episodes, "next": {"reward": torch.zeros(5, 1)}}, batch_size=[5])
     with pytest.warns(UserWarning, match="every reward in the dataset is zero"):
         assert auto_reward_scale(silent, 0.5) == 1.0
+    assert max_reward_scale(data) == 1 / 4.0
+    with pytest.warns(UserWarning, match="every reward in the dataset is zero"):
+        assert max_reward_scale(silent) == 1.0
