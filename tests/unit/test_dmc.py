@@ -85,6 +85,7 @@ def test_quadruped_uses_camera_2_and_bad_settings_fail_in_one_line():
                 env_spec_of("dmc:cheetah-run", **kwargs)
 
 
+@pytest.mark.e2e  # a whole run through the CLI: outside the fast unit selection
 @pytest.mark.parametrize("config", [PIXELS, PIXELS.with_name("cheetah_run_pixels_cqn.yaml")], ids=["arsq", "cqn"])
 def test_tiny_pixel_fit_through_the_cli(config, monkeypatch, tmp_path):
     """The shipped pixel configs (ARSQ and CQN) with tiny sizes: collector, uint8 buffer, pixel encoder, updates,

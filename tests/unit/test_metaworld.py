@@ -181,6 +181,7 @@ def test_make_demos_pixels_round_trip(tmp_path):
     torch.testing.assert_close(data["next", "observation", "proprio"][:-1], data["observation", "proprio"][1:])
 
 
+@pytest.mark.e2e  # a whole run through the CLI: outside the fast unit selection
 def test_fit_loads_the_demos_into_the_demo_buffer(monkeypatch, tmp_path):
     demos = tmp_path / "demos.hdf5"
     make_demos.main(["--task", "reach-v3", "--episodes", "2", "--noise", "0.2", "--max-episode-steps", "150",
@@ -275,6 +276,7 @@ def test_evaluation_reports_success_with_the_dense_reward(tmp_path):
     data.teardown("fit")
 
 
+@pytest.mark.e2e  # a whole run through the CLI: outside the fast unit selection
 def test_dense_reward_fit_logs_the_success_rate(monkeypatch, tmp_path):
     demos = tmp_path / "dense.hdf5"
     make_demos.main(["--task", "reach-v3", "--episodes", "2", "--noise", "0.2", "--reward", "dense",

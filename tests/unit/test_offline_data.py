@@ -71,6 +71,7 @@ class _Recorder(Callback):
         self.frames.append(trainer.datamodule.frames)
 
 
+@pytest.mark.e2e  # a whole run through the CLI: outside the fast unit selection
 def test_offline_then_online_in_one_fit(hopper_file, monkeypatch, tmp_path):
     use_tmp_mlflow(monkeypatch, tmp_path)
     cli = build_cli([*config_args(HOPPER_MR), *TINY, "--data.dataset", str(hopper_file),
@@ -166,6 +167,7 @@ def _fit_weights(config: Path, dataset: Path, *extra: str) -> dict[str, torch.Te
     return {k: v.clone() for k, v in cli.model.critic.state_dict().items()}
 
 
+@pytest.mark.e2e  # a whole run through the CLI: outside the fast unit selection
 @pytest.mark.parametrize("rule", ["auto", "max_reward"])
 def test_rescaled_rewards_train_the_default_recipe_identically(rule, monkeypatch, tmp_path):
     """``reward_scale: auto`` divides rewards by the dataset's largest discounted return-to-go (``max_reward``: by
