@@ -62,27 +62,37 @@ def returns_to_go(data: TensorDict, gamma: float) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+REWARD_SCALE_RULES = ("auto", "max_reward")  # data.reward_scale's names; a number fixes the scale instead
+
+
+def _inverse(largest: float, rule: str) -> float:
+    """``1 / largest``; a dataset whose rewards are all zero has no scale and keeps 1, with a warning."""
+    if largest == 0:
+        warnings.warn(f"reward_scale {rule}: every reward in the dataset is zero, so rewards keep scale 1",
+                      stacklevel=3)
+        return 1.0
+    return 1.0 / largest
+
+
 def max_reward_scale(data: TensorDict) -> float:
     """``1 / max_t |r_t|``: the largest per-step reward becomes 1, as with a 0/1 success reward (for which the
     official RLBench temperature and margin were tuned). All-zero rewards keep scale 1, with a warning."""
-    largest = float(data[NEXT_REWARD].abs().max())
-    if largest == 0:
-        warnings.warn("reward_scale max_reward: every reward in the dataset is zero, so rewards keep scale 1",
-                      stacklevel=2)
-        return 1.0
-    return 1.0 / largest
+    return _inverse(float(data[NEXT_REWARD].abs().max()), "max_reward")
 
 
 def auto_reward_scale(data: TensorDict, gamma: float) -> float:
     """``1 / max_t |G_t|`` over the dataset's discounted returns-to-go: rewards times this give values of about unit
     size whatever the reward's units (a sparse 0/1 success reward keeps scale 1). A dataset whose rewards are all zero
     has no value scale: it keeps scale 1, with a warning."""
-    largest = float(returns_to_go(data, gamma).abs().max())
-    if largest == 0:
-        warnings.warn("reward_scale auto: every reward in the dataset is zero, so rewards keep scale 1",
-                      stacklevel=2)
-        return 1.0
-    return 1.0 / largest
+    return _inverse(float(returns_to_go(data, gamma).abs().max()), "auto")
+
+
+def reward_scale_of(data: TensorDict, scale: float | str, gamma: float) -> float:
+    """The reward scale ``data.reward_scale`` asks for: a rule of :data:`REWARD_SCALE_RULES` applied to ``data``
+    (``gamma`` discounts ``auto``'s returns), or the number itself."""
+    if scale == "auto":
+        return auto_reward_scale(data, gamma)
+    return max_reward_scale(data) if scale == "max_reward" else float(scale)
 
 
 def demo_window(num_rows: int, percentile: float, ratio: float) -> tuple[int, int]:

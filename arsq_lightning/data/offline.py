@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from arsq_lightning.data.d4rl import DemoSplit, auto_reward_scale, max_reward_scale, split_demos
+from arsq_lightning.data.d4rl import REWARD_SCALE_RULES, DemoSplit, reward_scale_of, split_demos
 from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari
 from arsq_lightning.data.online import TRANSITION_KEYS, DataStats, OnlineDataModule
 from arsq_lightning.envs.core import dataset_hint
@@ -84,14 +84,13 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         require(pretrain_steps >= 0, f"data.pretrain_steps must be >= 0, got {pretrain_steps}")
         require(trajectories_per_round >= 0, f"data.trajectories_per_round must be >= 0, got {trajectories_per_round}")
         require(demo_buffer_factor >= 1.0, f"data.demo_buffer_factor must be >= 1, got {demo_buffer_factor}")
-        require(reward_scale in ("auto", "max_reward") or (isinstance(reward_scale, (int, float)) and reward_scale > 0),
+        require(reward_scale in REWARD_SCALE_RULES or (isinstance(reward_scale, (int, float)) and reward_scale > 0),
                 f"data.reward_scale must be 'auto', 'max_reward' or a positive number, got {reward_scale!r}")
         require(0.0 <= value_gamma < 1.0, f"data.value_gamma must lie in [0, 1), got {value_gamma}")
         self.save_hyperparameters()
         self.demo_batch = round(batch_size * demo_fraction)
         dataset = self.load_dataset()
-        self.reward_scale = (auto_reward_scale(dataset, value_gamma) if reward_scale == "auto" else
-                             max_reward_scale(dataset) if reward_scale == "max_reward" else float(reward_scale))
+        self.reward_scale = reward_scale_of(dataset, reward_scale, value_gamma)
         self.split: DemoSplit = split_demos(dataset, demo_percentile=demo_percentile,
                                             demo_ratio=demo_ratio, reward_scale=self.reward_scale,
                                             reward_bias=reward_bias, drop_timeouts=drop_timeouts)

@@ -44,10 +44,9 @@ def test_exported_policy_acts_like_the_module(name, tmp_path):
     torch.export.save(export_policy(module.critic, SPEC.obs_dim), tmp_path / "policy.pt2")
     policy = torch.export.load(tmp_path / "policy.pt2").module()
     obs = torch.randn(256, SPEC.obs_dim) * 3
-    expected = module.critic.act(obs, deterministic=True) if "compiled" not in name else None
-    if expected is None:  # compile_act=True acts through torch.compile; the export traces the same eager loop
+    if "compiled" in name:  # compile_act=True acts through torch.compile; the export traces the same eager loop
         module.critic.compile_act = False
-        expected = module.critic.act(obs, deterministic=True)
+    expected = module.critic.act(obs, deterministic=True)
     got = policy(obs)
     assert got.shape == (256, 3) and torch.equal(got, expected)
     assert len(torch.unique(got, dim=0)) > 3  # the policy is not constant on these observations

@@ -96,9 +96,8 @@ class CQNLoss(Loss):
 
     def __call__(self, critic: CQNCritic, batch: TensorDictBase) -> dict[str, Tensor]:
         """Returns the terms ``loss_td``, ``loss_fosd`` and ``loss_margin`` (to minimise, summed) and detached ``q``,
-        ``target`` and
-        ``target_clipped`` (the share of expected targets ``r + gamma * E[Z']`` outside the support: values the C51
-        projection clips, a sign that ``v_min`` / ``v_max`` do not fit the reward scale and gamma)."""
+        ``target`` and ``target_clipped`` (the share of expected targets ``r + gamma * E[Z']`` outside the support:
+        values the C51 projection clips, a sign that ``v_min`` / ``v_max`` do not fit the reward scale and gamma)."""
         head = critic.head
         require(head.atoms > 1 or self.fosd_weight == 0,
                 "model.loss fosd_weight needs a distributional head (atoms > 1)")
