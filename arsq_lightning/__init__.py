@@ -13,7 +13,7 @@ from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection
 from arsq_lightning.data.d4rl import DemoSplit, normalized_score, split_demos
 from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read_minari, write_d4rl_hdf5
 from arsq_lightning.data.offline import OfflineToOnlineDataModule
-from arsq_lightning.data.online import CollectAndSample, OnlineDataModule
+from arsq_lightning.data.online import OnlineDataModule, UpdateTickets
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer, QuantileDiscretizer
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env, stack_frames
 from arsq_lightning.errors import ConfigError
@@ -25,10 +25,11 @@ from arsq_lightning.policy import ARSQActor, make_actor
 __version__ = "0.1.0"
 __all__ = [
     "ARSQActor", "ARSQCritic", "ARSQLoss", "ARSQModule", "AutoregressiveHead", "CQNCritic", "CQNHead", "CQNLoss",
-    "CoarseToFineDiscretizer", "CollectAndSample", "ConfigError", "Critic", "DemoSplit", "Discretizer", "DrQEncoder",
+    "CoarseToFineDiscretizer", "ConfigError", "Critic", "DemoSplit", "Discretizer", "DrQEncoder",
     "Encoder", "EnvSpec", "Head", "Loss",
     "FlattenEncoder", "MLPEncoder", "MultiViewCNNEncoder", "OfflineToOnlineDataModule", "OnlineDataModule",
-    "QuantileDiscretizer", "RandomShift", "c51_projection", "check_against_env", "conservative_penalty",
+    "QuantileDiscretizer", "RandomShift", "UpdateTickets", "c51_projection", "check_against_env",
+    "conservative_penalty",
     "env_spec_of", "make_actor", "make_env", "normalized_score", "random_shift", "read_d4rl_hdf5", "read_minari",
     "soft_advantages", "stack_frames", "total_loss",
     "split_demos", "write_d4rl_hdf5",

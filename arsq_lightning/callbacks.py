@@ -1,16 +1,18 @@
 """Lightning callbacks the module registers in ``configure_callbacks``: the glue to the data module (each reads its
 typed interface only, :meth:`OnlineDataModule.stats` and :meth:`OnlineDataModule.action_samples`; data modules of
-other types are left alone) and the divergence guard.
+other types are left alone), the global random states of a resumed run, the divergence guard and preemption.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -143,3 +145,33 @@ class Preemption(Callback):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+
+class RandomStates(Callback):
+    """Checkpoints hold the process's global random states (torch, NumPy, Python), and a resumed fit restores them as
+    training starts, after everything it builds first: it then draws the random numbers a run that never stopped
+    would have drawn (the collector's random warm-up actions, image augmentation, ...). The data module keeps its
+    own generators' states. Rank 0's states only: other ranks keep the seeds their data module gave them."""
+
+    def __init__(self):
+        self._restored: dict | None = None
+
+    def state_dict(self) -> dict:
+        numpy_state = np.random.get_state(legacy=False)
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                          "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                          "gauss": float(numpy_state["gauss"])}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state, self._restored = self._restored, None
+        if state is None or trainer.global_rank != 0:
+            return
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        saved = state["numpy"]
+        np.random.set_state({"bit_generator": "MT19937", "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+                             "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}})

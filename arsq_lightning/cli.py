@@ -41,7 +41,7 @@ from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
 from arsq_lightning.module import ARSQModule
 from arsq_lightning.shipped_configs import describe_configs, resolve_config_args
-from arsq_lightning.tracking import run_params, run_tags
+from arsq_lightning.tracking import RunInCheckpoint, run_params, run_tags
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-regressive soft Q-learning over "
@@ -89,6 +89,7 @@ class ArsqCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(RunInCheckpoint())
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -111,6 +112,8 @@ class ArsqCLI(LightningCLI):
         if logger is not None:
             check_tracking_uri(logger.init_args.tracking_uri)
             prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
+            if self.subcommand == "fit" and not logger.init_args.get("run_id"):  # a resume continues its run
+                logger.init_args.run_id = continued_run_id(self.checkpoint_run, logger.init_args.tracking_uri)
         super().instantiate_classes()
 
     @staticmethod
@@ -123,10 +126,13 @@ class ArsqCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: Lightning reads the checkpoint's hyperparameters here, before any hook."""
+        self.checkpoint_run: dict | None = None  # the MLflow run that wrote --ckpt_path (continued by `fit`)
         if self.config.get("subcommand"):
             path = self.config[self.config.subcommand].get("ckpt_path")
             if path not in (None, "last", "best", "hpc", "registry"):
-                self._check_model_matches(path, check_checkpoint(path).get("hyper_parameters", {}))
+                saved = check_checkpoint(path)
+                self._check_model_matches(path, saved.get("hyper_parameters", {}))
+                self.checkpoint_run = saved.get("mlflow_run")
         super()._parse_ckpt_path()
 
     def _check_model_matches(self, path: str, saved: dict) -> None:
@@ -260,6 +266,20 @@ def check_tracking_uri(uri: str | None) -> None:
         check_writable(uri.removeprefix("file://"), "MLflow store")
 
 
+def continued_run_id(checkpoint_run: dict | None, tracking_uri: str) -> str | None:
+    """The MLflow run a resumed ``fit`` continues: the one that wrote the checkpoint, if it is in this store."""
+    if not checkpoint_run or checkpoint_run.get("tracking_uri") != tracking_uri:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(checkpoint_run["run_id"])
+    except MlflowException:  # deleted, or the store was replaced: a new run
+        return None
+    return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+
 def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
     """Create a local SQLite store's tables and the experiment once, under a file lock, so that runs started together
     in a fresh folder do not race to create them (MLflow's own set-up is not safe against that)."""
@@ -286,7 +306,7 @@ def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
 def _trainer_defaults() -> dict:
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     return {
-        "logger": {"class_path": "lightning.pytorch.loggers.MLFlowLogger",
+        "logger": {"class_path": "arsq_lightning.tracking.ResumableMLFlowLogger",
                    "init_args": {"experiment_name": "arsq", "tracking_uri": tracking_uri, "log_model": True}},
         "default_root_dir": "runs",
         "num_sanity_val_steps": 0,

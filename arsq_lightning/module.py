@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.base import Critic, Head, Loss, total_loss
-from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer, Preemption
+from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer, Preemption, RandomStates
 from arsq_lightning.data.online import EPISODE_FIELDS
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.envs.core import EnvSpec
@@ -84,14 +84,20 @@ class ARSQModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """Counters and rates in the logs, fitting a data-adaptive discretizer, stopping on divergence, ending cleanly
-        on SIGTERM / SIGINT."""
-        return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard(), Preemption()]
+        on SIGTERM / SIGINT, restoring the global random states on resume."""
+        return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard(), Preemption(), RandomStates()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         try:
             return self.optimizer_factory(self.critic.online_parameters())
         except ValueError as err:  # torch's own checks, e.g. "Invalid learning rate: -0.1"
             raise ConfigError(f"model.optimizer: {err}") from None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_score"] = self.best_score  # eval/normalized_score_max goes on from it after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_score = checkpoint.get("best_score", float("-inf"))
 
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:

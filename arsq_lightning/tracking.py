@@ -1,4 +1,5 @@
-"""What an MLflow run records besides the metrics: tags saying what ran, and the trainer settings as params.
+"""What an MLflow run records besides the metrics (tags saying what ran, the trainer settings as params), and the
+logger that continues a run when a checkpoint is resumed.
 
 Tags: ``arsq.version``, ``arsq.algorithm`` (``ARSQ``, ``CQN``), ``arsq.env_id``, ``arsq.config`` (the config files,
 in order), ``arsq.command`` (``fit`` / ``validate`` / ``test``), ``arsq.ckpt_path`` (the checkpoint a run started
@@ -10,7 +11,15 @@ Lightning from the modules' hyperparameters.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 import arsq_lightning
 
@@ -48,3 +57,59 @@ def run_params(config) -> dict[str, str]:
     params = {"seed_everything": str(config.get("seed_everything"))}
     params.update({f"trainer/{name}": str(config.trainer.get(name)) for name in TRAINER_PARAMS})
     return params
+
+
+class ResumableMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger, able to continue a run: given the ``run_id`` of an existing run (the CLI passes the
+    one a resumed checkpoint was written by), it marks the run RUNNING again, logs each metric only past the last step
+    the run already holds for it (a run killed after its checkpoint had logged those steps once already), and records
+    a param the run already holds with another value (say a larger ``trainer/max_steps``) as the tag
+    ``arsq.changed.<key>`` = ``"<old> -> <new>"``, since MLflow params cannot change."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._continues_run = self._run_id is not None
+        self._last_steps: dict[str, int] = {}  # metric -> the last step the continued run holds
+        self._params: dict[str, str] = {}  # the continued run's params
+
+    def _open_continued_run(self) -> None:
+        """Read what the continued run already holds, once, and mark it RUNNING."""
+        if not self._continues_run:
+            return
+        self._continues_run = False
+        client = self.experiment
+        run = client.get_run(self.run_id)
+        self._params = dict(run.data.params)
+        self._last_steps = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
+                            for key in run.data.metrics}
+        if run.info.status != "RUNNING":
+            client.update_run(self.run_id, "RUNNING")
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        self._open_continued_run()
+        flat = _flatten_dict(_convert_params(params))
+        changed = {key: f"{self._params[key]} -> {str(value)[:250]}" for key, value in flat.items()
+                   if key in self._params and self._params[key] != str(value)[:250]}
+        for key, text in changed.items():
+            self.experiment.set_tag(self.run_id, f"arsq.changed.{key}", text)
+        new = {key: value for key, value in flat.items() if key not in self._params}
+        if new:
+            super().log_hyperparams(new)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._open_continued_run()
+        fresh = {key: value for key, value in metrics.items() if (step or 0) > self._last_steps.get(key, -1)}
+        if fresh:
+            super().log_metrics(fresh, step)
+
+
+class RunInCheckpoint(Callback):
+    """Checkpoints hold the MLflow run that wrote them (``checkpoint["mlflow_run"]``: ``run_id``, ``tracking_uri``),
+    so that resuming one continues that run."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and logger.run_id is not None:
+                checkpoint["mlflow_run"] = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import mlflow
+
+from arsq_lightning.cli import prepare_sqlite_store
 
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped run: a file, or an overlay on the base.yaml of its folder (configs/README.md).
@@ -25,8 +31,20 @@ def config_args(config: Path) -> list[str]:
     return ["--config", str(base), "--config", str(config)] if base.exists() else ["--config", str(config)]
 
 
+@cache
+def _store_template() -> Path:
+    """A local MLflow store with its tables and the ``arsq`` experiment, made once per test session by the CLI's own
+    set-up: MLflow's table migrations take seconds per fresh store. Tests of store creation itself (the race of
+    runs started together in a fresh folder) do not use it."""
+    folder = Path(tempfile.mkdtemp(prefix="arsq-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    prepare_sqlite_store(f"sqlite:///{folder}/mlflow.db", "arsq")
+    return folder / "mlflow.db"
+
+
 def use_tmp_mlflow(monkeypatch, tmp_path: Path) -> str:
-    """Run in ``tmp_path`` with MLflow's store there; returns the tracking URI."""
+    """Run in ``tmp_path`` with MLflow's store there (a copy of an initialised empty store); returns the URI."""
+    shutil.copyfile(_store_template(), tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -1,8 +1,10 @@
 """Online data: a TorchRL env, a ``Collector`` driven by the current policy and a tensordict replay buffer.
 
-:class:`CollectAndSample` interleaves collection and sampling so that the number of gradient updates follows
-``utd_ratio`` updates per env frame after ``learning_starts`` frames (the first ``init_random_frames`` are uniform
-random actions). Lightning iterates it as an endless training dataloader; ``trainer.max_steps`` ends the run.
+The training loader is an endless stream of :class:`UpdateTickets` (``trainer.max_steps`` ends the run). The data
+module turns each ticket into its batch as the update starts (``on_before_batch_transfer``), collecting first so that
+the number of gradient updates follows ``utd_ratio`` updates per env frame after ``learning_starts`` frames (the
+first ``init_random_frames`` are uniform random actions). Lightning looks one loader item ahead; a ticket changes
+no state, so a checkpoint holds the data of exactly the updates done (nothing collected or sampled ahead).
 Evaluation episodes are the validation / test "batches": the loader's items are episode indices (split over ranks by
 Lightning's sampler), and each one is run deterministically with the module's critic and arrives at the module as
 its result row (:data:`EPISODE_FIELDS`). :meth:`OnlineDataModule.stats` is what callbacks read for logging.
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
@@ -62,19 +65,17 @@ def _as_is(item):
     return item
 
 
-class CollectAndSample(IterableDataset):
-    """Endless stream of replay batches; collects from the env whenever updates are not owed (see module doc)."""
+@dataclass(frozen=True)
+class PendingBatch:
+    """A training loader item: the batch of the next update, drawn only when that update starts."""
 
-    def __init__(self, data: OnlineDataModule):
-        self.data = data
 
-    def __iter__(self) -> Iterator[TensorDictBase]:
-        data = self.data
+class UpdateTickets(IterableDataset):
+    """Endless stream of :class:`PendingBatch` tickets, one per update (see module doc)."""
+
+    def __iter__(self) -> Iterator[PendingBatch]:
         while True:
-            while data.updates_owed() <= 0:
-                data.collect()
-            data.updates_done += 1
-            yield data.sample()
+            yield PendingBatch()
 
 
 class OnlineDataModule(L.LightningDataModule):
@@ -126,10 +127,12 @@ class OnlineDataModule(L.LightningDataModule):
         self._collector: Collector | None = None
         self._eval_env = None
         self._pending_buffer_state: dict | None = None
+        self._acting_generator = torch.Generator()  # exploration noise of the collecting policy (seeded in setup)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.rank_seed = self.base_seed + 1000 * self._rank()
+        self._acting_generator.manual_seed(self.rank_seed)  # Lightning restores a checkpoint's state after setup
         if self.trainer is not None and self.trainer.world_size > 1:
             torch.manual_seed(self.rank_seed)  # the collector's random warm-up actions come from the global RNG
 
@@ -145,14 +148,33 @@ class OnlineDataModule(L.LightningDataModule):
             self._build_buffer()
         if self._collector is None and self.needs_collector():
             critic = self.trainer.lightning_module.critic
-            actor = make_actor(critic, torch.Generator().manual_seed(self.rank_seed))
-            self._collector = Collector(self.make_env(self.rank_seed), actor,
+            actor = make_actor(critic, self._acting_generator)
+            self._collector = Collector(self.make_env(self.collection_seed()), actor,
                                         frames_per_batch=self.hparams.frames_per_batch, total_frames=-1,
                                         init_random_frames=max(0, self.hparams.init_random_frames - self.frames),
                                         exploration_type=ExplorationType.RANDOM, track_traj_ids=False,
                                         auto_register_policy_transforms=False)
             self._collector_iter = iter(self._collector)
-        return DataLoader(CollectAndSample(self), batch_size=None, collate_fn=_as_is, num_workers=0)
+        return DataLoader(UpdateTickets(), batch_size=None, collate_fn=_as_is, num_workers=0)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning's hook as an update starts: a training ticket becomes its batch; other batches pass unchanged."""
+        return self.next_batch() if isinstance(batch, PendingBatch) else batch
+
+    def next_batch(self) -> TensorDictBase:
+        """The next update's batch: collect until an update is owed, count the update, sample."""
+        while self.updates_owed() <= 0:
+            self.collect()
+        self.updates_done += 1
+        return self.sample()
+
+    def collection_seed(self) -> int:
+        """The training env's seed: the rank's seed at the start; after a resume one derived from it and the frames
+        so far, so that the resumed run does not replay the episodes it began with. (The unfinished episode of a
+        checkpoint is not restored: a resumed run starts a new one, as TorchRL's collectors do.)"""
+        if self.frames == 0:
+            return self.rank_seed
+        return int(np.random.SeedSequence([self.rank_seed, self.frames]).generate_state(1)[0])
 
     def needs_collector(self) -> bool:
         """Whether training interacts with the env (subclasses may train from data only)."""
@@ -261,7 +283,7 @@ class OnlineDataModule(L.LightningDataModule):
         Lightning writes rank 0's state only; see :meth:`load_state_dict` for the other ranks.
         """
         state = {"frames": self.frames, "updates_done": self.updates_done,
-                 "episode_returns": list(self.episode_returns)}
+                 "episode_returns": list(self.episode_returns), "acting_rng": self._acting_generator.get_state()}
         if self._rank() == 0:
             buffers = {name: _buffer_state(b) for name, b in self._buffers().items() if b is not None and len(b)}
             if buffers:
@@ -273,13 +295,17 @@ class OnlineDataModule(L.LightningDataModule):
         return {"replay": self.buffer}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore counters; rank 0 also restores the buffer (when fitting), other ranks start collecting afresh."""
+        """Restore counters; rank 0 also restores the acting RNG and the buffers (when fitting), other ranks start
+        collecting afresh."""
         self.frames, self.updates_done = state["frames"], state["updates_done"]
         self.episode_returns.extend(state.get("episode_returns", []))
         fitting = self.trainer is None or self.trainer.state.fn == "fit"
         if self._rank() != 0:
             self._frames_origin, self._updates_origin = self.frames, self.updates_done  # a new warm-up
-        elif "buffers" in state and fitting:
+            return
+        if "acting_rng" in state:
+            self._acting_generator.set_state(state["acting_rng"])
+        if "buffers" in state and fitting:
             if self.buffer is None:
                 self._pending_buffer_state = state["buffers"]
             else:

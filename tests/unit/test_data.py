@@ -1,15 +1,19 @@
-"""OnlineDataModule: update-to-data accounting, replay checkpoint contents, per-rank resume."""
+"""OnlineDataModule: update-to-data accounting, replay checkpoint contents, per-rank resume, random states."""
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
 from arsq_lightning import ARSQModule, ConfigError, OnlineDataModule
+from arsq_lightning.callbacks import RandomStates
+from arsq_lightning.data.online import PendingBatch
 
 
 class _FakeTrainer(SimpleNamespace):
@@ -29,18 +33,16 @@ def _data_with_collector(**kwargs) -> OnlineDataModule:
 def _data_after_updates(updates: int) -> OnlineDataModule:
     """A data module that has collected and served ``updates`` batches."""
     data = _data_with_collector()
-    stream = iter(data.train_dataloader())
     for _ in range(updates):
-        next(stream)
+        data.next_batch()
     return data
 
 
 @pytest.mark.parametrize("utd", [1.0, 0.5, 2.0])
 def test_updates_follow_the_update_to_data_ratio(utd):
     data = _data_with_collector(utd_ratio=utd)
-    stream = iter(data.train_dataloader())
     for _ in range(40):
-        batch = next(stream)
+        batch = data.next_batch()
         assert batch.shape == (8,) and "observation" in batch.keys()
     # the i-th update (1-based) needs learning_starts + (i - 1) / utd frames
     needed = data.learning_starts + (data.updates_done - 1) / utd
@@ -60,6 +62,50 @@ def test_checkpoint_holds_only_the_filled_part_of_the_buffer():
     assert len(fresh.buffer) == filled  # replaced, not appended to what the fresh collector had stored
     assert torch.equal(fresh.buffer.storage[:filled]["observation"], data.buffer.storage[:filled]["observation"])
     assert fresh.frames == data.frames and fresh.updates_done == data.updates_done  # counters restored
+
+
+def test_the_loader_looks_ahead_without_touching_the_data():
+    """Lightning fetches the next loader item before the update; that must neither collect nor sample."""
+    data = _data_after_updates(3)
+    before = (data.frames, data.updates_done, len(data.buffer), data.buffer._rng.get_state())
+    stream = iter(data.train_dataloader())
+    tickets = [next(stream) for _ in range(5)]
+    assert all(isinstance(t, PendingBatch) for t in tickets)
+    assert (data.frames, data.updates_done, len(data.buffer)) == before[:3]
+    assert torch.equal(data.buffer._rng.get_state(), before[3])
+    batch = data.on_before_batch_transfer(tickets[0], 0)  # the update starts: now its batch is drawn
+    assert batch.shape == (8,) and data.updates_done == 4
+    row = torch.zeros(6)
+    assert data.on_before_batch_transfer(row, 0) is row  # evaluation rows pass unchanged
+
+
+def test_checkpoint_restores_the_acting_generator():
+    data = _data_after_updates(3)
+    data._acting_generator.manual_seed(123)
+    torch.rand(5, generator=data._acting_generator)
+    state = data.state_dict()
+    fresh = _data_with_collector()  # seeded afresh in setup
+    fresh.load_state_dict(state)
+    assert torch.equal(torch.rand(5, generator=fresh._acting_generator),
+                       torch.rand(5, generator=data._acting_generator))
+
+
+def test_random_states_return_when_a_resumed_fit_starts_training():
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    torch.randn(3), np.random.randn(3)  # a cached Gaussian in NumPy's state too
+    saved = RandomStates().state_dict()
+    expected = (torch.rand(4), np.random.rand(4), np.random.randn(1), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)  # what a fresh process would draw instead
+    restored = RandomStates()
+    restored.load_state_dict(saved)
+    restored.on_train_start(_FakeTrainer(global_rank=0), None)
+    got = (torch.rand(4), np.random.rand(4), np.random.randn(1), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert np.array_equal(got[2], expected[2]) and got[3] == expected[3]
+    other = RandomStates()
+    other.load_state_dict(saved)
+    other.on_train_start(_FakeTrainer(global_rank=1), None)  # other ranks keep their own seeds
+    assert not torch.equal(torch.rand(4), expected[0])
 
 
 def test_other_ranks_do_not_take_rank_zero_buffer_on_resume():

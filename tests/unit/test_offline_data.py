@@ -36,11 +36,11 @@ def test_every_batch_mixes_demo_and_rl_rows_exactly(hopper_file):
     data = _attach(OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), batch_size=16,
                                              demo_fraction=0.25, demo_percentile=100.0, demo_ratio=30.0,
                                              buffer_size=1000, online=False))
-    stream = iter(data.train_dataloader())
+    data.train_dataloader()
     demo_obs = {tuple(row.tolist()) for row in data.split.demo["observation"]}
     assert len(data.buffer) == data.split.rl.numel() and len(data.demo_buffer) == data.split.demo.numel()
     for _ in range(10):
-        batch = next(stream)
+        batch = data.next_batch()
         assert batch.shape == (16,) and int(batch["demo"].sum()) == 4 and batch["demo"][:4].all()
         assert all(tuple(row.tolist()) in demo_obs for row in batch["observation"][:4])
     assert data.frames == 0 and data.phase == "offline"  # never touched the env
@@ -129,9 +129,9 @@ def test_relabelling_adds_only_episodes_that_reach_the_demo_mean_return(hopper_f
 def test_resume_restores_both_buffers_and_keeps_updating(hopper_file):
     kwargs = dict(dataset=str(hopper_file), batch_size=8, buffer_size=1000, relabel=True, max_episode_steps=10)
     data = _attach(OfflineToOnlineDataModule("Hopper-v5", pretrain_steps=3, **kwargs))
-    stream = iter(data.train_dataloader())
+    data.train_dataloader()
     for _ in range(30):  # 3 offline updates, then online collection with updates
-        next(stream)
+        data.next_batch()
     data.store(_episode(5, 1e6))  # relabelled into the demo buffer
     state = data.state_dict()
     resumed = _attach(OfflineToOnlineDataModule("Hopper-v5", pretrain_steps=3, **kwargs))

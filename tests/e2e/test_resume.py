@@ -1,0 +1,110 @@
+"""Stop and resume gives the run that never stopped: weights, optimiser state, buffers, counters, evaluations."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from arsq_lightning.cli import build_cli
+
+from helpers import only_run, use_tmp_mlflow, write_random_dataset
+
+UPDATES, PRETRAIN = 40, 20
+
+
+def _config(tmp_path: Path) -> Path:
+    """Offline pretraining on a small Pendulum file, then online collection with stochastic acting and a few random
+    warm-up frames; an evaluation (and a checkpoint) every 10 updates."""
+    dataset = write_random_dataset("Pendulum-v1", tmp_path / "pendulum.hdf5", steps=200, max_episode_steps=50)
+    config = {
+        "seed_everything": 3,
+        "trainer": {"max_steps": UPDATES, "val_check_interval": 10, "log_every_n_steps": 5,
+                    "enable_progress_bar": False},
+        "model": {"head": {"class_path": "arsq_lightning.AutoregressiveHead", "init_args": {"hidden_dims": [16]}},
+                  "critic": {"class_path": "arsq_lightning.ARSQCritic",
+                             "init_args": {"soft_alpha": 0.05, "act_alpha": 0.05}}},
+        "data": {"class_path": "arsq_lightning.OfflineToOnlineDataModule",
+                 "init_args": {"env_id": "Pendulum-v1", "dataset": str(dataset), "pretrain_steps": PRETRAIN,
+                               "init_random_frames": 4, "max_episode_steps": 30, "batch_size": 16,
+                               "demo_percentile": 100.0, "demo_ratio": 50.0, "eval_episodes": 2}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit(config: Path, root: Path, *extra: str):
+    return build_cli(["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra])
+
+
+def _eval_returns(cli) -> dict[int, float]:
+    client = MlflowClient(cli.trainer.logger._tracking_uri)
+    return {m.step: m.value for m in client.get_metric_history(cli.trainer.logger.run_id, "eval/return_mean")}
+
+
+def _assert_same_state(resumed, straight) -> None:
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    saved, ours = straight.trainer.optimizers[0].state_dict(), resumed.trainer.optimizers[0].state_dict()
+    for index, moments in saved["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(ours["state"][index][key], value), (index, key)
+    a, b = resumed.datamodule, straight.datamodule
+    assert (a.frames, a.updates_done) == (b.frames, b.updates_done)
+    for buffer in ("buffer", "demo_buffer"):
+        mine, theirs = getattr(a, buffer), getattr(b, buffer)
+        assert len(mine) == len(theirs)
+        assert (mine.storage[:len(mine)] == theirs.storage[:len(theirs)]).all(), buffer
+
+
+def test_resume_during_pretraining_continues_bit_identically_into_the_online_phase(monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    straight = _fit(config, tmp_path / "straight")
+    assert straight.datamodule.frames > 4  # the run went online, with random and policy frames
+    first = _fit(config, tmp_path / "split", "--trainer.max_steps", "10")
+    resumed = _fit(config, tmp_path / "split", "--ckpt_path", first.trainer.checkpoint_callback.last_model_path)
+    assert resumed.trainer.global_step == UPDATES
+    _assert_same_state(resumed, straight)
+    straight_returns, resumed_returns = _eval_returns(straight), _eval_returns(resumed)
+    assert resumed_returns == {step: straight_returns[step] for step in resumed_returns} and len(resumed_returns) >= 3
+
+
+def test_resume_online_neither_loses_nor_double_counts_data(monkeypatch, tmp_path):
+    """Mid-episode the env is not restored (a resumed run starts a new episode); every counter still follows the run
+    that never stopped: no prefetched batch is counted and none is lost."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    straight = _fit(config, tmp_path / "straight")
+    first = _fit(config, tmp_path / "split", "--trainer.max_steps", "30")
+    saved = first.datamodule
+    assert (saved.updates_done, saved.frames) == (30, 30 - PRETRAIN)  # one frame per online update, none ahead
+    resumed = _fit(config, tmp_path / "split", "--ckpt_path", first.trainer.checkpoint_callback.last_model_path)
+    a, b = resumed.datamodule, straight.datamodule
+    assert (a.frames, a.updates_done, len(a.buffer)) == (b.frames, b.updates_done, len(b.buffer))
+    assert b.frames == UPDATES - PRETRAIN
+
+
+def test_a_resume_continues_its_mlflow_run_without_duplicate_points(monkeypatch, tmp_path):
+    """Resumed twice, once from a checkpoint older than what the run had logged since (as after a kill): one run,
+    FINISHED, every metric step logged once, the changed budget recorded as a tag."""
+    uri = use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    first = _fit(config, tmp_path / "run", "--trainer.max_steps", "10")
+    older = tmp_path / "step10.ckpt"
+    shutil.copyfile(first.trainer.checkpoint_callback.last_model_path, older)
+    second = _fit(config, tmp_path / "run", "--trainer.max_steps", "20", "--ckpt_path", str(older))
+    third = _fit(config, tmp_path / "run", "--trainer.max_steps", "30", "--ckpt_path", str(older))
+    assert first.trainer.logger.run_id == second.trainer.logger.run_id == third.trainer.logger.run_id
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "eval/return_mean", "train/env_frames"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)) and max(steps) == 29, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")] == [9, 19, 29]
+    assert run.data.params["trainer/max_steps"] == "10"
+    assert run.data.tags["arsq.changed.trainer/max_steps"] == "10 -> 30"
