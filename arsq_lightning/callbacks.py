@@ -14,7 +14,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, TrainingDiverged
@@ -52,8 +52,12 @@ class DataStatsLogger(Callback):
             metrics["train/episode_return"] = stats.mean_episode_return
         self._clock = (now, stats.env_frames, updates)
         pl_module.log_dict(metrics, prog_bar=False, batch_size=1)
-        if stats.online is not None:  # the phase in the progress bar: 0 offline, 1 online
-            pl_module.log("online", float(stats.online), prog_bar=True, logger=False, batch_size=1)
+        bar = {"frames": float(stats.env_frames)}  # the progress bar's copies (not logged twice)
+        if stats.online is not None:  # the phase: 0 offline, 1 online
+            bar["online"] = float(stats.online)
+        if stats.mean_episode_return is not None:
+            bar["train_return"] = stats.mean_episode_return
+        pl_module.log_dict(bar, prog_bar=True, logger=False, batch_size=1)
 
 
 class FitDiscretizer(Callback):
@@ -175,3 +179,24 @@ class RandomStates(Callback):
         saved = state["numpy"]
         np.random.set_state({"bit_generator": "MT19937", "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
                              "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}})
+
+
+class UpdatesProgressBar(TQDMProgressBar):
+    """Lightning's progress bar counting updates out of ``trainer.max_steps`` (the run is one endless epoch, so the
+    epoch counter and the logger version are left out); its fields are the values logged with ``prog_bar=True``:
+    env frames, phase, training return, loss, and the last evaluation's return and success rate."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.total, bar.initial, bar.n = trainer.max_steps, trainer.global_step, trainer.global_step
+        bar.set_description("updates")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items

@@ -28,13 +28,13 @@ import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from arsq_lightning.callbacks import Preemption
+from arsq_lightning.callbacks import Preemption, UpdatesProgressBar
 from arsq_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 from arsq_lightning.data.online import OnlineDataModule
@@ -90,6 +90,9 @@ class ArsqCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(RunInCheckpoint())
+        # Lightning's default bar (Rich when installed, else tqdm) -> the bar counting updates
+        trainer.callbacks = [UpdatesProgressBar() if type(c) in (RichProgressBar, TQDMProgressBar) else c
+                             for c in trainer.callbacks]
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -151,6 +154,7 @@ class ArsqCLI(LightningCLI):
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit``; a SIGTERM / SIGINT ends it with the MLflow run KILLED and :class:`Preempted` raised."""
+        self.fit_started = time.perf_counter()
         try:
             self.trainer.fit(**kwargs)
         except RuntimeError as err:
@@ -172,7 +176,7 @@ class ArsqCLI(LightningCLI):
         if self.model.last_eval_step != trainer.global_step and not trainer.interrupted:
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self._save_final_checkpoint()
-        self._print_summary("eval")
+        self._print_summary("eval", fit_lines(self.trainer, self.model, time.perf_counter() - self.fit_started))
 
     def _save_final_checkpoint(self) -> None:
         callback = self.trainer.checkpoint_callback
@@ -192,19 +196,36 @@ class ArsqCLI(LightningCLI):
         self._print_summary("test")
 
     @rank_zero_only
-    def _print_summary(self, prefix: str) -> None:
+    def _print_summary(self, prefix: str, extra: list[str] = ()) -> None:
         metrics = self.trainer.callback_metrics
         mean, std = metrics.get(f"{prefix}/return_mean"), metrics.get(f"{prefix}/return_std")
         lines = []
         if mean is not None:
+            success = metrics.get(f"{prefix}/success_rate")
             lines.append(f"final {prefix} return: {float(mean):.1f} ± {float(std):.1f} "
-                         f"over {int(metrics[f'{prefix}/episodes'])} deterministic episodes")
+                         f"over {int(metrics[f'{prefix}/episodes'])} deterministic episodes"
+                         + (f", success rate {float(success):.2f}" if success is not None else ""))
+        lines += extra
         for logger in self.trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 lines.append(f"MLflow run {logger.run_id} (experiment '{logger._experiment_name}') "
                              f"in {logger._tracking_uri}")
                 lines.append(f"open it with: mlflow ui --backend-store-uri {logger._tracking_uri}")
         print("\n".join(lines), flush=True)
+
+
+def fit_lines(trainer: Trainer, module: ARSQModule, seconds: float) -> list[str]:
+    """The end summary's lines about a fit: best evaluation, updates, env frames, wall time, checkpoint."""
+    lines = []
+    if module.best_eval is not None:
+        lines.append(f"best eval return: {module.best_eval[0]:.1f} (after update {module.best_eval[1]})")
+    frames = trainer.datamodule.stats().env_frames if isinstance(trainer.datamodule, OnlineDataModule) else None
+    lines.append(f"{trainer.global_step} updates" + (f", {frames} env frames" if frames is not None else "")
+                 + f", {seconds / 60:.1f} min")
+    checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback is not None else ""
+    if checkpoint:
+        lines.append(f"checkpoint: {checkpoint}")
+    return lines
 
 
 def default_run_name(config) -> str:

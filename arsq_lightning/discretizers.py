@@ -1,4 +1,4 @@
-"""Coarse-to-fine action discretisation (ALGORITHM.md §2).
+"""Coarse-to-fine action discretisation (docs/algorithm.md §2).
 
 Every action dimension is cut into ``bins`` intervals, the chosen interval into ``bins`` again, ``levels`` times.
 After ``levels`` choices the executed value is the midpoint of the final interval, so each dimension lives on a
@@ -102,7 +102,7 @@ def gaussian_exploration(disc: Discretizer, action: Tensor, std: float,
 
 
 class CoarseToFineDiscretizer(Discretizer):
-    """Coarse-to-fine grid over a box action space (ALGORITHM.md §2.1-§2.3).
+    """Coarse-to-fine grid over a box action space (docs/algorithm.md §2.1-§2.3).
 
     Every dim is cut into ``bins`` intervals ``levels`` times. Dims may differ: with per-dim ``levels`` / ``bins``
     the sequence has ``L = max(levels)`` levels of ``K = max(bins)`` slots; a dim with fewer bins leaves its extra

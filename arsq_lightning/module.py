@@ -1,4 +1,4 @@
-"""The LightningModule: batch -> ARSQ loss -> optimiser step -> Polyak update -> logs (ALGORITHM.md §3.3, §3.5).
+"""The LightningModule: batch -> ARSQ loss -> optimiser step -> Polyak update -> logs (docs/algorithm.md §3.3, §3.5).
 
 Pluggable parts arrive as factories, so a config names a class and its own options while the sizes come from the
 environment (``env_spec``, linked by the CLI from the data module):
@@ -76,6 +76,7 @@ class ARSQModule(L.LightningModule):
         self._eval_rows: list[Tensor] = []  # evaluated episodes of this rank, each [len(EPISODE_FIELDS)]
         self.last_eval_step = -1  # the update after which the latest evaluation ran
         self.best_score = float("-inf")
+        self.best_eval: tuple[float, int] | None = None  # (best mean evaluation return, the update it came after)
 
     @torch.no_grad()
     def act(self, obs: Tensor, *, deterministic: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -94,10 +95,12 @@ class ARSQModule(L.LightningModule):
             raise ConfigError(f"model.optimizer: {err}") from None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["best_score"] = self.best_score  # eval/normalized_score_max goes on from it after a resume
+        # a resumed run goes on from the best evaluation so far (eval/normalized_score_max, the end summary)
+        checkpoint["best_score"], checkpoint["best_eval"] = self.best_score, self.best_eval
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_score = checkpoint.get("best_score", float("-inf"))
+        self.best_eval = checkpoint.get("best_eval")
 
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
@@ -111,6 +114,7 @@ class ARSQModule(L.LightningModule):
                                    f"{self.trainer.global_step}")
         if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # Lightning's logging steps
             self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=batch.shape[0], prog_bar=False)
+            self.log("loss", out["loss"], batch_size=batch.shape[0], prog_bar=True, logger=False)
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -144,6 +148,9 @@ class ARSQModule(L.LightningModule):
                        f"{prefix}/env_frames": episodes["env_frames"].max().float()},
                       prog_bar=False, batch_size=1)  # identical on every rank after the gather
         self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, logger=False)
+        if prefix == "eval":
+            if self.best_eval is None or float(returns.mean()) > self.best_eval[0]:
+                self.best_eval = (float(returns.mean()), self.trainer.global_step)
         if not successes.isnan().any():  # the env reports success (e.g. Meta-World, whatever its reward)
             self.log(f"{prefix}/success_rate", successes.mean().float(), prog_bar=True, batch_size=1)
         elif self.hparams.env_spec.success_reward:  # return 1 = success (sparse reward, episode ends on success)

@@ -1,7 +1,7 @@
 """Benchmark ARSQ gradient updates and action selection against the per-position reference (scripts/reference.py).
 
-Network sizes are the paper's D4RL ones (ALGORITHM.md §3.2): ``AutoregressiveHead`` with hidden dims (512, 512, 512),
-tanh, ``qchunk=-1``, 2 critics; ``soft_alpha=0.01``; batch 512; Adam lr 3e-4; Polyak tau 0.005.
+Network sizes are the paper's D4RL ones (docs/algorithm.md §3.2): ``AutoregressiveHead`` with hidden dims
+(512, 512, 512), tanh, ``qchunk=-1``, 2 critics; ``soft_alpha=0.01``; batch 512; Adam lr 3e-4; Polyak tau 0.005.
 
 - hopper:      obs 11, act 3, L=2, B=7  (N=6 positions)
 - halfcheetah: obs 17, act 6, L=1, B=41 (N=6 positions)
@@ -141,8 +141,8 @@ def reference_update(critic: ARSQCritic, optimizer: torch.optim.Optimizer, batch
 @torch.no_grad()
 def reference_act(critic: ARSQCritic, obs: Tensor, *, deterministic: bool,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Per-position decoding (ALGORITHM.md §3.4): explicit float64 zoom-in intervals, one ``reference.mlp`` call per
-    (critic, position), logsumexp normalisation, min over critics, argmax or multinomial sample."""
+    """Per-position decoding (docs/algorithm.md §3.4): explicit float64 zoom-in intervals, one ``reference.mlp`` call
+    per (critic, position), logsumexp normalisation, min over critics, argmax or multinomial sample."""
     head = critic.target_head if critic.act_network == "target" else critic.head
     disc, alpha, activation = critic.discretizer, critic.act_alpha, head.adv_trunk.act
     feats = critic.encoder(obs)

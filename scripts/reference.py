@@ -1,4 +1,4 @@
-"""A slow, straightforward reference of ARSQ's math (ALGORITHM.md §2-§3), one position at a time.
+"""A slow, straightforward reference of ARSQ's math (docs/algorithm.md §2-§3), one position at a time.
 
 It reads the weights of an :class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead` (member ``k * num_chunks + c`` is
 critic ``k``'s advantage MLP for chunk ``c``) but computes everything itself: intervals by explicit zoom-in in

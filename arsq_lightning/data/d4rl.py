@@ -1,5 +1,5 @@
 """The official D4RL data protocol of ARSQ: episodes sorted by return, a demo window, the two buffers' contents, and the
-D4RL normalised score (ALGORITHM.md §4.1-§4.2).
+D4RL normalised score (docs/algorithm.md §4.1-§4.2).
 
 :func:`split_demos` turns a TED TensorDict (from :mod:`arsq_lightning.data.datasets`) into the RL buffer's data
 (the whole dataset) and the demo buffer's data (a window of transitions ordered by their episode's return), each with a

@@ -1,4 +1,4 @@
-"""Offline datasets -> TorchRL's TED TensorDict layout (ALGORITHM.md §4.1).
+"""Offline datasets -> TorchRL's TED TensorDict layout (docs/algorithm.md §4.1).
 
 Readers:
 * :func:`read_d4rl_hdf5`: a file in D4RL's HDF5 layout (``observations``, ``actions``, ``rewards``, ``terminals``,

@@ -1,5 +1,5 @@
 """Learning from a dataset, then online: demo buffer + RL buffer, exact mixing, two phases in one ``fit``
-(ALGORITHM.md §4.1-§4.2).
+(docs/algorithm.md §4.1-§4.2).
 
 * The dataset (D4RL HDF5 file or local Minari dataset) is split by :func:`~arsq_lightning.data.d4rl.split_demos`: the RL
   buffer gets the whole dataset (``demo = False``; the last, highest-return rows if it exceeds ``buffer_size``), the

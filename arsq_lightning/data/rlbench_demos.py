@@ -1,4 +1,5 @@
-"""Demos saved by RLBench's dataset generator -> TED transitions / a D4RL-layout HDF5 file (ALGORITHM.md §5.1, §5.3).
+"""Demos saved by RLBench's dataset generator -> TED transitions / a D4RL-layout HDF5 file
+(docs/algorithm.md §5.1, §5.3).
 
 The layout read (RLBench's ``dataset_generator.py``, the same one ``rlbench.utils.get_stored_demos`` reads)::
 

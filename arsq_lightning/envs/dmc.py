@@ -8,7 +8,7 @@ Env kwargs:
   camera view, channels first) from MuJoCo's offscreen renderer; ``frame_stack`` (handled by
   :func:`arsq_lightning.envs.core.make_env`) stacks frames on the channel axis;
 * ``image_size`` (84), ``camera_id`` (``None``: 2 for quadruped, else 0, as DrQ-v2), ``action_repeat`` (1; CQN's
-  DMC setting is 2, ALGORITHM.md §6.5): each action is applied ``action_repeat`` times, rewards summed, and pixels
+  DMC setting is 2, docs/algorithm.md §6.5): each action is applied ``action_repeat`` times, rewards summed, and pixels
   rendered once per agent step.
 
 Episodes end by dm_control's own time limit (1000 physics control steps, i.e. ``1000 / action_repeat`` agent steps),

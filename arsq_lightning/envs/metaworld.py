@@ -11,7 +11,7 @@ Observations (``observation`` entry):
 * ``pixels``: a sub-TensorDict with ``pixels`` uint8 ``[V, 3, H, W]`` (one view per camera, upright),
   ``proprio`` float32 ``[4]`` (hand xyz + gripper = state[:4]) and, with ``include_state``, ``state`` float32 ``[39]``.
 
-Reward (ALGORITHM.md §5.1, as RLBench): ``sparse`` is exactly 1.0 on the step that succeeds and 0.0 otherwise, and
+Reward (docs/algorithm.md §5.1, as RLBench): ``sparse`` is exactly 1.0 on the step that succeeds and 0.0 otherwise, and
 success terminates the episode, so an episode's return is its success (the success rate is the mean return);
 ``dense`` is Meta-World's shaped reward, and success does not end the episode unless ``terminate_on_success`` is
 true (the default ``None`` terminates on success with the sparse reward only). Every

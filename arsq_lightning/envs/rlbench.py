@@ -1,4 +1,4 @@
-"""RLBench tasks as TorchRL envs, with the ARSQ / CQN setup of ALGORITHM.md §5.1: ids ``rlbench:<task>``.
+"""RLBench tasks as TorchRL envs, with the ARSQ / CQN setup of docs/algorithm.md §5.1: ids ``rlbench:<task>``.
 
 **Not run here**: RLBench needs CoppeliaSim 4.1 and PyRep, which this project's machines do not have; the tests cover
 the parts that need no simulator (action bounds, observation conversion, specs and episode logic against a stand-in

@@ -1,4 +1,4 @@
-"""Random-shift image augmentation (DrQ / CQN, ALGORITHM.md §5.4 and §6.1).
+"""Random-shift image augmentation (DrQ / CQN, docs/algorithm.md §5.4 and §6.1).
 
 Each image is padded by ``pad`` pixels with replicate padding and cropped back to its size at an integer offset drawn
 independently per image (so per sample and per camera view): a shift of at most ``pad`` pixels in each direction.

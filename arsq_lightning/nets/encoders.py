@@ -1,6 +1,6 @@
 """Observation encoders: ``obs [B, ...] -> features [B, out_dim]``.
 
-The D4RL networks of ALGORITHM.md §3.2 feed the raw state to every MLP, which is :class:`FlattenEncoder`.
+The D4RL networks of docs/algorithm.md §3.2 feed the raw state to every MLP, which is :class:`FlattenEncoder`.
 :class:`MLPEncoder` adds a shared learned trunk in front of the critics. Encoders are built by the module as
 ``encoder(env_spec.encoder_input)``: ``obs_dim`` for flat vector observations, the ``observation_shapes`` dict for
 nested ones (pixel envs), so a config only gives their own options. The online encoder also encodes next states
@@ -115,7 +115,7 @@ def _projection(in_dim: int, out_dim: int | None) -> tuple[nn.Module, int]:
 
 
 class MultiViewCNNEncoder(Encoder):
-    """One conv stack per camera view, fused with the low-dimensional entries (CQN's encoder, ALGORITHM.md §6.1).
+    """One conv stack per camera view, fused with the low-dimensional entries (CQN's encoder, docs/algorithm.md §6.1).
 
     Input: the nested ``observation`` TensorDict ``[B]`` with ``pixels`` uint8 ``[B, V, C, H, W]`` (``C`` = 3 x frame
     stack) and any other entries (``proprio``, ``state``; flattened and concatenated in sorted key order). Output

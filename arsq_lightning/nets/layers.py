@@ -1,6 +1,6 @@
 """Ensembles of independent MLPs evaluated with one batched matmul per layer.
 
-ARSQ has two twin critics and, with ``qchunk < N``, several advantage MLPs per twin (ALGORITHM.md §3.2). Stacking
+ARSQ has two twin critics and, with ``qchunk < N``, several advantage MLPs per twin (docs/algorithm.md §3.2). Stacking
 their weights as ``[E, in, out]`` and running ``torch.baddbmm`` evaluates all ``E`` members in one call, which is
 what makes a training update and batch-1 acting fast. Initialisation follows the D4RL networks (§3.2): orthogonal
 hidden weights with gain sqrt(2), zero biases.

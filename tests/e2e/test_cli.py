@@ -15,6 +15,7 @@ import yaml
 
 import arsq_lightning
 from arsq_lightning import ARSQModule, AutoregressiveHead, CQNCritic, CQNHead, CQNLoss, OnlineDataModule
+from arsq_lightning.callbacks import UpdatesProgressBar
 from arsq_lightning.cli import build_cli, main
 
 from helpers import (
@@ -111,6 +112,10 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     assert any(a.path.endswith(".ckpt") for a in client.list_artifacts(run.info.run_id, "last"))
     out = capsys.readouterr().out
     assert "final eval return" in out and run.info.run_id in out
+    best = max(m.value for m in client.get_metric_history(run.info.run_id, "eval/return_mean"))
+    assert f"best eval return: {best:.1f}" in out
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    assert f"{steps} updates, {cli.datamodule.frames} env frames" in out and f"checkpoint: {ckpt}" in out
 
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     final_return = run.data.metrics["eval/return_mean"]
@@ -121,6 +126,18 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     evaluations = client.search_runs([run.info.experiment_id], "tags.`arsq.command` != 'fit'")
     assert sorted(r.data.tags["arsq.command"] for r in evaluations) == ["test", "validate"]
     assert all(r.data.tags["arsq.ckpt_path"] == ckpt for r in evaluations)  # which checkpoint they evaluated
+
+
+def test_progress_bar_counts_updates_and_shows_frames_loss_and_evaluation(monkeypatch, tmp_path):
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["fit", "--config", str(QUICKSTART), *TINY, "--trainer.enable_progress_bar", "true"])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, UpdatesProgressBar)  # replaces Lightning's default (Rich here), which counts epochs
+    assert bar.train_progress_bar.desc.startswith("updates") and bar.train_progress_bar.total == 30
+    assert bar.train_progress_bar.n == 30
+    fields = bar.get_metrics(cli.trainer, cli.model)
+    assert "v_num" not in fields and {"loss", "frames", "train_return", "eval/return"} <= set(fields)
+    assert fields["frames"] == cli.datamodule.frames
 
 
 def test_checkpoint_reload_gives_identical_deterministic_actions(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""The CQN baseline against ALGORITHM.md §6.2-§6.4: C51 projection, dueling head, level conditioning, greedy
+"""The CQN baseline against docs/algorithm.md §6.2-§6.4: C51 projection, dueling head, level conditioning, greedy
 acting with random tie-breaking, re-quantised Gaussian exploration, double-Q targets, FOSD and margin terms."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AutoregressiveHead + ARSQCritic against ALGORITHM.md §3.1 (soft decomposition), §3.2 (qchunk heads),
+"""AutoregressiveHead + ARSQCritic against docs/algorithm.md §3.1 (soft decomposition), §3.2 (qchunk heads),
 §2.3 (level-major causality) and §3.4 (acting)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Offline data: D4RL-layout HDF5 and Minari readers, validation errors, and the D4RL demo protocol (ALGORITHM.md §4.1).
+"""Offline data: D4RL-layout HDF5 and Minari readers, validation errors, and the D4RL demo protocol
+(docs/algorithm.md §4.1).
 
 The files are small ones written here from real Hopper-v5 rollouts (uniform random actions: short episodes that end
 in termination or in an 18-step time limit).

@@ -1,5 +1,6 @@
-"""The contract every discretizer meets (ALGORITHM.md §2): uniform, per-dimension and data-adaptive (quantile) grids
-alike, plus what is special about each (per-dim grids = independent 1-D grids; quantile bins hold equal data mass)."""
+"""The contract every discretizer meets (docs/algorithm.md §2): uniform, per-dimension and data-adaptive (quantile)
+grids alike, plus what is special about each (per-dim grids = independent 1-D grids; quantile bins hold equal data
+mass)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CoarseToFineDiscretizer against ALGORITHM.md §2 (coarse-to-fine grid, encoding, level-major conditioning)."""
+"""CoarseToFineDiscretizer against docs/algorithm.md §2 (coarse-to-fine grid, encoding, level-major conditioning)."""
 
 from __future__ import annotations
 

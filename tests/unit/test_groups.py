@@ -1,5 +1,5 @@
 """Grouped auto-regressive heads: ``groups = D`` is ARSQ's factorisation, ``groups = 1`` is independent across the
-dims of a level (CQN's), and any grouping keeps the soft decomposition and causality (ALGORITHM.md §2.3, §3.1)."""
+dims of a level (CQN's), and any grouping keeps the soft decomposition and causality (docs/algorithm.md §2.3, §3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ARSQLoss against ALGORITHM.md §3.3 (soft Bellman regression, demo-only conservative term, Polyak update)."""
+"""ARSQLoss against docs/algorithm.md §3.3 (soft Bellman regression, demo-only conservative term, Polyak update)."""
 
 from __future__ import annotations
 

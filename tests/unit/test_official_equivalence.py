@@ -1,4 +1,4 @@
-"""ARSQCritic + ARSQLoss against an independent, slow re-derivation of the official ARSQ code (ALGORITHM.md §2-§3).
+"""ARSQCritic + ARSQLoss against an independent, slow re-derivation of the official ARSQ code (docs/algorithm.md §2-§3).
 
 The official networks and losses were read (not copied) from ``mihir-chauhan/CQN-AS-Franka`` (the verbatim copy of the
 ARSQ release): ``ARSQ-main/d4rl/arsq_d4rl/alg/sqar.py`` (``FCNetNaive``, ``NN_mlpc_qc.forward`` / ``infer``,
@@ -198,7 +198,7 @@ class Setting:
 
     @property
     def reduction(self) -> str:
-        """The project's name for this codebase's sample reduction (ALGORITHM.md §3.3 step 5, §8.5-8.6)."""
+        """The project's name for this codebase's sample reduction (docs/algorithm.md §3.3 step 5, §8.5-8.6)."""
         if self.codebase == "rlbench":
             return "batch_mean"
         return "demo_mean" if self.variant == "cql" else "sum_all"

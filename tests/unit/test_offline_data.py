@@ -1,5 +1,5 @@
 """OfflineToOnlineDataModule: exact mixing, buffer contents, the offline -> online phase switch in one fit,
-rounds of trajectories, and relabelling (ALGORITHM.md §4.1-§4.2, §8.4)."""
+rounds of trajectories, and relabelling (docs/algorithm.md §4.1-§4.2, §8.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ARSQ critic: encoder + discretizer + twin soft-Q head + target copy (ALGORITHM.md §3).
+"""The ARSQ critic: encoder + discretizer + twin soft-Q head + target copy (docs/algorithm.md §3).
 
 ``Q_k(s, a) = V_k(s) + sum_i A_k,i(s, a_<i, a_i)`` with ``A = z - alpha * logsumexp(z / alpha)`` over bins (§3.1),
 so ``exp(A_i / alpha)`` is the policy's conditional at position ``i`` and ``V`` is the exact soft value.

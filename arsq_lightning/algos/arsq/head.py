@@ -1,4 +1,4 @@
-"""ARSQ's critic networks: soft value ``V(s)`` and auto-regressive advantage logits (ALGORITHM.md §3.2).
+"""ARSQ's critic networks: soft value ``V(s)`` and auto-regressive advantage logits (docs/algorithm.md §3.2).
 
 :class:`AutoregressiveHead` holds ``C`` critics (twins by default) and evaluates all of them, and all ``N = L * D``
 positions, in one batched call. Position ``i`` is read from the output slot ``i mod qchunk`` of advantage MLP

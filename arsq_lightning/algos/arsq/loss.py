@@ -1,4 +1,4 @@
-"""ARSQ's training loss: soft Bellman regression plus the demo-only conservative term (ALGORITHM.md §3.3).
+"""ARSQ's training loss: soft Bellman regression plus the demo-only conservative term (docs/algorithm.md §3.3).
 
 ``y = r + gamma * (1 - terminated) * min_k V̄_k(s')`` (truncation is not termination: only TorchRL's
 ``("next", "terminated")`` stops bootstrapping), ``L_TD = sum_k mean_b (Q_k - y)^2``. The conservative term pushes

@@ -1,5 +1,5 @@
 """The CQN baseline's critic: encoder + discretizer + :class:`~arsq_lightning.algos.cqn.head.CQNHead` + target copy
-(ALGORITHM.md §6.3, §6.4).
+(docs/algorithm.md §6.3, §6.4).
 
 Acting goes level by level: expected Q per (dim, bin), an independent argmax per dim (a uniformly random bin where
 the Q values of a dim are within ``tie_tolerance`` of each other, e.g. right after the zero init), then every dim zooms

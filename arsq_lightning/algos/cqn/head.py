@@ -1,4 +1,4 @@
-"""CQN's coarse-to-fine critic network: one network shared by all levels, dueling, C51 (ALGORITHM.md §6.2, §4.4).
+"""CQN's coarse-to-fine critic network: one network shared by all levels, dueling, C51 (docs/algorithm.md §6.2, §4.4).
 
 At level ``l`` the network reads ``(features, m, onehot(l))`` where ``m [B, D]`` holds every dim's interval midpoint
 after ``l`` levels (zeros at level 0), and returns per-dim, per-bin atom logits. All dims of a level are decided

@@ -1,5 +1,5 @@
 """The CQN baseline's loss: per-(level, dim) C51 cross-entropy with double-Q targets, plus the demo-only
-first-order-stochastic-dominance (FOSD) and margin terms (ALGORITHM.md §6.4, §4.4).
+first-order-stochastic-dominance (FOSD) and margin terms (docs/algorithm.md §6.4, §4.4).
 
 With ``atoms = 1`` (non-distributional head) the TD term is the squared error to ``r + gamma * Q̄(s', a'*)`` and the
 FOSD term is undefined (its weight must be 0).
