@@ -41,7 +41,7 @@ from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
 from arsq_lightning.module import ARSQModule
 from arsq_lightning.shipped_configs import describe_configs, resolve_config_args
-from arsq_lightning.tracking import RunInCheckpoint, run_params, run_tags
+from arsq_lightning.tracking import RunInCheckpoint, run_params, run_tags, save_learning_curve
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = ("arsq: train value-based continuous-control agents (ARSQ, auto-regressive soft Q-learning over "
@@ -176,7 +176,17 @@ class ArsqCLI(LightningCLI):
         if self.model.last_eval_step != trainer.global_step and not trainer.interrupted:
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self._save_final_checkpoint()
+        self._log_learning_curve()
         self._print_summary("eval", fit_lines(self.trainer, self.model, time.perf_counter() - self.fit_started))
+
+    def _log_learning_curve(self) -> None:
+        """``learning_curve.png`` in the MLflow run (:func:`~arsq_lightning.tracking.save_learning_curve`)."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, MLFlowLogger) and self.trainer.is_global_zero:
+                with tempfile.TemporaryDirectory() as folder:
+                    path = os.path.join(folder, "learning_curve.png")
+                    if save_learning_curve(logger.experiment, logger.run_id, path):
+                        logger.experiment.log_artifact(logger.run_id, path)
 
     def _save_final_checkpoint(self) -> None:
         callback = self.trainer.checkpoint_callback

@@ -59,6 +59,31 @@ def run_params(config) -> dict[str, str]:
     return params
 
 
+def save_learning_curve(client, run_id: str, path: str) -> bool:
+    """Plot the run's evaluation return (and success rate, where logged) against env frames into ``path`` (a PNG);
+    against updates for a run that collected no frames. False when the run has no evaluation yet."""
+    from matplotlib.figure import Figure  # no pyplot: the process's plotting backend stays untouched
+
+    def history(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    returns, frames, success = history("eval/return_mean"), history("eval/env_frames"), history("eval/success_rate")
+    if not returns:
+        return False
+    steps = sorted(returns)
+    by_frames = len({frames.get(step) for step in steps}) > 1
+    x = [frames.get(step, 0.0) if by_frames else step + 1 for step in steps]
+    panels = [("eval/return_mean", returns)] + ([("eval/success_rate", success)] if success else [])
+    figure = Figure(figsize=(4.5 * len(panels), 3.2))
+    for axis, (name, values) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        axis.plot(x, [values.get(step, float("nan")) for step in steps], marker="o")
+        axis.set(xlabel="env frames" if by_frames else "updates", ylabel=name, title=name)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return True
+
+
 class ResumableMLFlowLogger(MLFlowLogger):
     """Lightning's MLflow logger, able to continue a run: given the ``run_id`` of an existing run (the CLI passes the
     one a resumed checkpoint was written by), it marks the run RUNNING again, logs each metric only past the last step

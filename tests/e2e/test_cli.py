@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from matplotlib import image
 
 import arsq_lightning
 from arsq_lightning import ARSQModule, AutoregressiveHead, CQNCritic, CQNHead, CQNLoss, OnlineDataModule
@@ -108,7 +109,9 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     assert tags["arsq.config"] == str(QUICKSTART) and tags["arsq.version"] == arsq_lightning.__version__
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")  # the tests run in a checkout
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config.yaml" in artifacts and "last" in artifacts
+    assert {"config.yaml", "last", "learning_curve.png"} <= artifacts
+    curve = client.download_artifacts(run.info.run_id, "learning_curve.png", str(tmp_path))
+    assert image.imread(curve).shape[1] > 300  # a real PNG
     assert any(a.path.endswith(".ckpt") for a in client.list_artifacts(run.info.run_id, "last"))
     out = capsys.readouterr().out
     assert "final eval return" in out and run.info.run_id in out
