@@ -90,6 +90,7 @@ class ArsqCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(RunInCheckpoint())
+        write_checkpoints_into_run(trainer)
         # Lightning's default bar (Rich when installed, else tqdm) -> the bar counting updates
         trainer.callbacks = [UpdatesProgressBar() if type(c) in (RichProgressBar, TQDMProgressBar) else c
                              for c in trainer.callbacks]
@@ -295,6 +296,22 @@ def check_tracking_uri(uri: str | None) -> None:
                               "store: MLFLOW_TRACKING_URI=sqlite:///mlflow.db") from None
     elif "://" not in uri or uri.startswith("file://"):
         check_writable(uri.removeprefix("file://"), "MLflow store")
+
+
+def write_checkpoints_into_run(trainer: Trainer) -> None:
+    """With a local artifact store (the default), checkpoints are written straight into the MLflow run's artifacts
+    (``checkpoints/``), so each is stored once; with a remote one (or a ``checkpoint.dirpath`` of your own) they stay
+    where Lightning puts them, and the logger copies them into the run (``log_model``)."""
+    callback = trainer.checkpoint_callback
+    for logger in trainer.loggers:
+        if not isinstance(logger, MLFlowLogger) or callback is None or callback.dirpath is not None:
+            continue
+        if trainer.is_global_zero:  # other ranks get the folder from rank 0 when the callback sets up
+            artifacts = logger.experiment.get_run(logger.run_id).info.artifact_uri
+            if "://" in artifacts and not artifacts.startswith("file://"):
+                continue
+            callback.dirpath = os.path.join(urllib.parse.urlparse(artifacts).path or artifacts, "checkpoints")
+        logger._log_model = False
 
 
 def continued_run_id(checkpoint_run: dict | None, tracking_uri: str) -> str | None:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import mlflow
 
-from arsq_lightning.cli import prepare_sqlite_store
-
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped run: a file, or an overlay on the base.yaml of its folder (configs/README.md).
 CONFIGS = sorted(config for config in (REPO / "configs").glob("**/*.yaml") if config.name != "base.yaml")
@@ -33,12 +31,13 @@ def config_args(config: Path) -> list[str]:
 
 @cache
 def _store_template() -> Path:
-    """A local MLflow store with its tables and the ``arsq`` experiment, made once per test session by the CLI's own
-    set-up: MLflow's table migrations take seconds per fresh store. Tests of store creation itself (the race of
-    runs started together in a fresh folder) do not use it."""
+    """A local MLflow store with its tables, made once per test session: MLflow's table migrations take seconds per
+    fresh store. It holds no ``arsq`` experiment, so the CLI creates one in each test's folder (and its artifacts
+    land there). Tests of store creation itself (the race of runs started together in a fresh folder) do not use
+    it."""
     folder = Path(tempfile.mkdtemp(prefix="arsq-mlflow-template-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    prepare_sqlite_store(f"sqlite:///{folder}/mlflow.db", "arsq")
+    mlflow.tracking.MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()  # creates the tables
     return folder / "mlflow.db"
 
 

@@ -109,10 +109,14 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     assert tags["arsq.config"] == str(QUICKSTART) and tags["arsq.version"] == arsq_lightning.__version__
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")  # the tests run in a checkout
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "last", "learning_curve.png"} <= artifacts
+    assert {"config.yaml", "checkpoints", "learning_curve.png"} <= artifacts
     curve = client.download_artifacts(run.info.run_id, "learning_curve.png", str(tmp_path))
     assert image.imread(curve).shape[1] > 300  # a real PNG
-    assert any(a.path.endswith(".ckpt") for a in client.list_artifacts(run.info.run_id, "last"))
+    stored = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert "checkpoints/last.ckpt" in stored
+    # each checkpoint is stored once: written into the run's artifacts, no copy anywhere else
+    assert cli.trainer.checkpoint_callback.dirpath == os.path.join(run.info.artifact_uri, "checkpoints")
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == sorted(os.path.basename(path) for path in stored)
     out = capsys.readouterr().out
     assert "final eval return" in out and run.info.run_id in out
     best = max(m.value for m in client.get_metric_history(run.info.run_id, "eval/return_mean"))

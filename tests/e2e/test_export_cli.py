@@ -14,7 +14,7 @@ from helpers import TINY, use_tmp_mlflow
 def test_export_of_a_trained_checkpoint_matches_its_actions(monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)
     main(["fit", "--config", "quickstart", *TINY])  # found by name, from a folder that is not the repository
-    (checkpoint,) = tmp_path.glob("runs/**/last.ckpt")  # (MLflow keeps a copy among its artifacts too)
+    (checkpoint,) = tmp_path.glob("mlruns/**/last.ckpt")  # the one copy, among the MLflow run's artifacts
     main(["export", "--ckpt_path", str(checkpoint), "--out", str(tmp_path / "out" / "policy.pt2")])
     assert "exported the greedy policy" in capsys.readouterr().out
     policy = torch.export.load(tmp_path / "out" / "policy.pt2").module()
