@@ -44,12 +44,13 @@ class OfflineToOnlineDataModule(OnlineDataModule):
             window fits; official 0; 100 with ``demo_ratio`` 50 is the best half).
         demo_ratio: the demo window's size in percent of the transitions (official 100 = all).
         reward_bias: added to every scaled reward (dataset and online).
-        reward_scale: ``r * scale + bias`` for dataset and online rewards. ``auto`` (default) takes
-            ``1 / max |G|`` over the dataset's discounted returns-to-go ``G`` (discount ``value_gamma``), so values
-            are of unit size and ``soft_alpha`` and the conservative clips mean the same on every task; a number
-            fixes it (the official D4RL configs: 1). ``max_reward`` takes ``1 / max |r|``, so the largest per-step
-            reward is 1 (as a 0/1 success reward); docs/benchmark.md compares the two. Evaluation returns stay in the
-            env's units.
+        reward_scale: ``r * scale + bias`` for dataset and online rewards. ``max_reward`` (default) takes
+            ``1 / max |r|`` over the dataset, so the largest per-step reward is 1, as a 0/1 success reward, and
+            ``soft_alpha`` and the conservative clips mean the same on every task whatever the reward's units;
+            ``auto`` takes ``1 / max |G|`` over the dataset's discounted returns-to-go ``G`` (discount
+            ``value_gamma``), so values are of unit size (the TD term then weighs ~100x less against the
+            conservative one; docs/benchmark.md compares the two); a number fixes it (the official D4RL configs: 1).
+            Evaluation returns stay in the env's units.
         value_gamma: the discount of ``reward_scale: auto`` (use the loss's ``gamma``).
         clip_action: dataset actions are clipped to this fraction of the half-range around the centre (0.99999).
         drop_timeouts: drop dataset transitions that end by time-out (official).
@@ -64,7 +65,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
 
     def __init__(self, env_id: str = "Hopper-v5", *, dataset: str = "", minari_root: str | None = None,
                  demo_percentile: float = 0.0, demo_ratio: float = 100.0,
-                 reward_scale: float | Literal["auto", "max_reward"] = "auto", value_gamma: float = 0.99,
+                 reward_scale: float | Literal["auto", "max_reward"] = "max_reward", value_gamma: float = 0.99,
                  reward_bias: float = 0.0,
                  clip_action: float = 0.99999, drop_timeouts: bool = True,
                  demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,

@@ -288,5 +288,6 @@ def test_dense_reward_fit_logs_the_success_rate(monkeypatch, tmp_path):
     history = client.get_metric_history(run.info.run_id, "eval/success_rate")
     assert len(history) >= 2 and all(0.0 <= m.value <= 1.0 for m in history)
     assert cli.trainer.callback_metrics["eval/return_mean"].item() > 1.0  # dense returns, not successes
-    scale = cli.datamodule.reward_scale  # reward_scale auto: 1 / the largest discounted return-to-go of the file
-    assert 0 < scale < 1 and float(run.data.params["data/reward_scale"]) == pytest.approx(scale)
+    scale = cli.datamodule.reward_scale  # the recipe's reward_scale max_reward: 1 / the file's largest |reward|
+    largest = float(read_d4rl_hdf5(demos)["next", "reward"].abs().max())
+    assert scale == pytest.approx(1 / largest) and float(run.data.params["data/reward_scale"]) == pytest.approx(scale)
