@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
+from collections.abc import Sequence
 
 import torch
 import yaml
@@ -207,7 +208,7 @@ class ArsqCLI(LightningCLI):
         self._print_summary("test")
 
     @rank_zero_only
-    def _print_summary(self, prefix: str, extra: list[str] = ()) -> None:
+    def _print_summary(self, prefix: str, extra: Sequence[str] = ()) -> None:
         metrics = self.trainer.callback_metrics
         mean, std = metrics.get(f"{prefix}/return_mean"), metrics.get(f"{prefix}/return_std")
         lines = []
