@@ -194,6 +194,7 @@ class UpdatesProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        # Lightning's bar shows batch_idx + 1, which restarts at 0 on resume; the update count does not
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:

@@ -148,9 +148,9 @@ class ARSQModule(L.LightningModule):
                        f"{prefix}/env_frames": episodes["env_frames"].max().float()},
                       prog_bar=False, batch_size=1)  # identical on every rank after the gather
         self.log(f"{prefix}/return", returns.mean().float(), prog_bar=True, batch_size=1, logger=False)
-        if prefix == "eval":
-            if self.best_eval is None or float(returns.mean()) > self.best_eval[0]:
-                self.best_eval = (float(returns.mean()), self.trainer.global_step)
+        mean_return = float(returns.mean())
+        if prefix == "eval" and (self.best_eval is None or mean_return > self.best_eval[0]):
+            self.best_eval = (mean_return, self.trainer.global_step)
         if not successes.isnan().any():  # the env reports success (e.g. Meta-World, whatever its reward)
             self.log(f"{prefix}/success_rate", successes.mean().float(), prog_bar=True, batch_size=1)
         elif self.hparams.env_spec.success_reward:  # return 1 = success (sparse reward, episode ends on success)

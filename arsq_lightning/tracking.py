@@ -114,10 +114,10 @@ class ResumableMLFlowLogger(MLFlowLogger):
     def log_hyperparams(self, params) -> None:
         self._open_continued_run()
         flat = _flatten_dict(_convert_params(params))
-        changed = {key: f"{self._params[key]} -> {str(value)[:250]}" for key, value in flat.items()
-                   if key in self._params and self._params[key] != str(value)[:250]}
-        for key, text in changed.items():
-            self.experiment.set_tag(self.run_id, f"arsq.changed.{key}", text)
+        for key, value in flat.items():
+            text = str(value)[:250]  # as MLflow stores a param
+            if key in self._params and self._params[key] != text:
+                self.experiment.set_tag(self.run_id, f"arsq.changed.{key}", f"{self._params[key]} -> {text}")
         new = {key: value for key, value in flat.items() if key not in self._params}
         if new:
             super().log_hyperparams(new)
