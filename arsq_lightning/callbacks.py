@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -184,7 +185,17 @@ class RandomStates(Callback):
 class UpdatesProgressBar(TQDMProgressBar):
     """Lightning's progress bar counting updates out of ``trainer.max_steps`` (the run is one endless epoch, so the
     epoch counter and the logger version are left out); its fields are the values logged with ``prog_bar=True``:
-    env frames, phase, training return, loss, and the last evaluation's return and success rate."""
+    env frames, phase, training return, loss, and the last evaluation's return and success rate.
+
+    ``refresh_rate`` (updates between redraws) defaults to 1 on a terminal and to ``LOG_REFRESH_RATE`` when the output
+    goes to a file or a pipe, where every redraw is a new line of the log."""
+
+    LOG_REFRESH_RATE = 100
+
+    def __init__(self, refresh_rate: int | None = None):
+        if refresh_rate is None:
+            refresh_rate = 1 if sys.stderr.isatty() else self.LOG_REFRESH_RATE
+        super().__init__(refresh_rate=refresh_rate)
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_epoch_start(trainer)

@@ -15,6 +15,7 @@ import argparse
 import fcntl
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -68,14 +69,36 @@ class MLflowSaveConfig(SaveConfigCallback):
                 logger.log_hyperparams(run_params(config))
 
 
+# Trainer options that an RL run counted in updates fixes (epochs, batch limits, sanity checks, gradient
+# accumulation) or that do not apply to it; they are left out of the parser (and of --help) and set here.
+TRAINER_FIXED = {"max_epochs": None, "min_epochs": None, "min_steps": None, "check_val_every_n_epoch": None,
+                 "num_sanity_val_steps": 0, "limit_train_batches": None, "limit_val_batches": None,
+                 "limit_test_batches": None, "limit_predict_batches": None, "overfit_batches": 0.0,
+                 "reload_dataloaders_every_n_epochs": 0, "use_distributed_sampler": True, "fast_dev_run": False,
+                 "accumulate_grad_batches": 1, "barebones": False, "model_registry": None, "sync_batchnorm": False,
+                 "inference_mode": True, "plugins": None}
+
+
 class ArsqCLI(LightningCLI):
     """LightningCLI with the project's links, defaults and end-of-run summary."""
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """Lightning's, with the Trainer options of ``TRAINER_FIXED`` left out."""
+        parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
+                                   sub_configs=True, skip=set(TRAINER_FIXED))
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--num_threads", type=int, default=1,
                             help="torch CPU threads per process (1 is fastest when an env runs beside the learner)")
         parser.link_arguments("data.env_spec", "model.env_spec", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ModelCheckpoint's options less the epoch-based ones and those the project fixes (Preemption saves on a signal)
+        parser.add_class_arguments(ModelCheckpoint, "checkpoint", fail_untyped=False, sub_configs=True,
+                                   skip={"every_n_epochs", "save_on_train_epoch_end", "enable_version_counter",
+                                         "save_on_exception", "auto_insert_metric_name"})
+        parser.callback_keys.append("checkpoint")  # instantiated and handed to the trainer as a callback
         # Keep the newest checkpoint of every evaluation (Lightning 2.6 refreshes last.ckpt only when a top-k
         # checkpoint is written, so monitoring the return would leave last.ckpt stale).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
@@ -87,7 +110,7 @@ class ArsqCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The trainer, writing checkpoints atomically unless a custom checkpoint writer was configured."""
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**{**TRAINER_FIXED, **kwargs})
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(RunInCheckpoint())
@@ -119,6 +142,9 @@ class ArsqCLI(LightningCLI):
             prepare_sqlite_store(logger.init_args.tracking_uri, logger.init_args.experiment_name)
             if self.subcommand == "fit" and not logger.init_args.get("run_id"):  # a resume continues its run
                 logger.init_args.run_id = continued_run_id(self.checkpoint_run, logger.init_args.tracking_uri)
+            elif self.subcommand != "fit" and self.checkpoint_run:  # validate / test: say which run they evaluate
+                logger.init_args.tags = {**(logger.init_args.get("tags") or {}),
+                                         "arsq.source_run": self.checkpoint_run["run_id"]}
         super().instantiate_classes()
 
     @staticmethod
@@ -195,7 +221,7 @@ class ArsqCLI(LightningCLI):
         if callback is None or callback.dirpath is None:
             return
         path = os.path.join(callback.dirpath, "last.ckpt")
-        self.trainer.save_checkpoint(path)
+        self.trainer.save_checkpoint(path, weights_only=False)  # the full state: it resumes
         callback.last_model_path = path
         for logger in self.trainer.loggers:
             if isinstance(logger, MLFlowLogger) and logger._log_model and self.trainer.is_global_zero:
@@ -222,7 +248,8 @@ class ArsqCLI(LightningCLI):
             if isinstance(logger, MLFlowLogger):
                 lines.append(f"MLflow run {logger.run_id} (experiment '{logger._experiment_name}') "
                              f"in {logger._tracking_uri}")
-                lines.append(f"open it with: mlflow ui --backend-store-uri {logger._tracking_uri}")
+                lines.append(f"open it with: mlflow ui --backend-store-uri {logger._tracking_uri}  "
+                             "(the UI: pip install 'arsq-lightning[ui]')")
         print("\n".join(lines), flush=True)
 
 
@@ -241,10 +268,11 @@ def fit_lines(trainer: Trainer, module: ARSQModule, seconds: float) -> list[str]
 
 
 def default_run_name(config) -> str:
-    """``<last config file>-s<seed>-<date-time>``, e.g. ``quickstart-s0-20261202-091500``."""
+    """``<last config file>-s<seed>-<date-time>-<4 hex digits>``, e.g. ``quickstart-s0-20261202-091500-3fa2``: the
+    random suffix (from the OS, not the seeded generators) keeps runs started in the same second apart."""
     files = config.get("config") or []
     stem = os.path.splitext(os.path.basename(str(files[-1])))[0] if files else "arsq"  # an overlay names the run
-    return f"{stem}-s{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{stem}-s{config.get('seed_everything')}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def check_budget(max_steps: int, val_check_interval: int | float | None) -> None:
@@ -329,6 +357,18 @@ def continued_run_id(checkpoint_run: dict | None, tracking_uri: str) -> str | No
     return run.info.run_id if run.info.lifecycle_stage == "active" else None
 
 
+def quiet_library_chatter() -> None:
+    """Drop the libraries' lines that say nothing about this run: Lightning's advertisement for its cloud logger, a
+    deprecation inside Lightning, TorchRL's INFO lines (``RL_LOGGING_LEVEL`` set by the user wins), and the warning
+    about passing the CLI's arguments explicitly (intended: the resolved arguments replace ``sys.argv``'s)."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+    if "RL_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("torchrl").setLevel(logging.WARNING)
+
+
 def prepare_sqlite_store(uri: str | None, experiment: str) -> None:
     """Create a local SQLite store's tables and the experiment once, under a file lock, so that runs started together
     in a fresh folder do not race to create them (MLflow's own set-up is not safe against that)."""
@@ -358,8 +398,6 @@ def _trainer_defaults() -> dict:
         "logger": {"class_path": "arsq_lightning.tracking.ResumableMLFlowLogger",
                    "init_args": {"experiment_name": "arsq", "tracking_uri": tracking_uri, "log_model": True}},
         "default_root_dir": "runs",
-        "num_sanity_val_steps": 0,
-        "check_val_every_n_epoch": None,
         "val_check_interval": 5000,
         "max_steps": 100_000,
     }
@@ -368,6 +406,7 @@ def _trainer_defaults() -> dict:
 def build_cli(args: list[str] | None = None, *, run: bool = True) -> ArsqCLI:
     """Parse ``args`` (``None``: ``sys.argv``), instantiate, and run the subcommand unless ``run`` is false."""
     return ArsqCLI(ARSQModule, OnlineDataModule, args=args, run=run, subclass_mode_data=True,
+                   auto_configure_optimizers=False,  # the optimiser is model.optimizer, not a top-level --optimizer
                    parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "description": DESCRIPTION},
                    save_config_callback=MLflowSaveConfig,
                    save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
@@ -383,6 +422,39 @@ def _config_error_in(exc: BaseException) -> BaseException | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_EXPECTED_TYPE = re.compile(r"Expected an? <class '([\w.]+)'>")
+_GIVEN_VALUE = re.compile(r"(?:Got|Given) value: (.+?)(?:\. Got value:|$)", re.M)
+_SUBTYPES = re.compile(r"Subtypes: \[(.*)\]")
+_LITERAL = re.compile(r"Literal\[([^\]]*)\]")
+_CLASS = re.compile(r"<class '([\w.]+)'>")
+
+
+def one_line_error(message: str) -> str:
+    """jsonargparse's multi-line type error as one line: ``key.path: expected int, got 'abc'``.
+
+    The key path joins the nested ``Parser key`` names (``data`` + ``batch_size``); the type is the first one the
+    parser expected; the value is the first plain one it was given. A message it cannot read keeps its first line.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    keys = _PARSER_KEY.findall(message)
+    innermost = message[message.rfind("Parser key"):]  # the error of the deepest key
+    values = [v.rstrip(".") for v in _GIVEN_VALUE.findall(message) if not v.startswith(("Namespace(", "NestedArg("))]
+    subtypes = _SUBTYPES.search(innermost)
+    if subtypes:  # a Union: the literal values and classes it accepts
+        choices = [c.strip() for lit in _LITERAL.findall(subtypes.group(1)) for c in lit.split(",")]
+        choices += [c.rsplit(".", 1)[-1] for c in _CLASS.findall(subtypes.group(1)) if c != "NoneType"]
+        expected = "one of " + ", ".join(choices)
+    else:
+        match = _EXPECTED_TYPE.search(innermost)
+        expected = match.group(1).rsplit(".", 1)[-1] if match else None
+    if keys and expected and values:
+        return f"{'.'.join(keys)}: expected {expected}, got {values[0]!r}"
+    return f"{lines[0].rstrip(':')} ({lines[1]})"
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -414,8 +486,7 @@ def main(args: list[str] | None = None) -> None:
     if args[:1] == ["configs"]:
         print(describe_configs())
         return
-    # the resolved arguments replace sys.argv's: Lightning warns about passing both, which is intended here
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    quiet_library_chatter()
     try:
         if args[:1] == ["export"]:
             from arsq_lightning.export import export_main  # the export imports the module, which imports nothing here
@@ -436,7 +507,7 @@ def main(args: list[str] | None = None) -> None:
         err = _config_error_in(exc)
         if err is None:
             raise
-        print(f"arsq: error: {err}", file=sys.stderr)
+        print(f"arsq: error: {one_line_error(str(err))}", file=sys.stderr)
         print("arsq: see `arsq --help` or `arsq fit --help` for the accepted options", file=sys.stderr)
         sys.exit(2)
 

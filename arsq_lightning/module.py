@@ -22,11 +22,12 @@ from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.base import Critic, Head, Loss, total_loss
 from arsq_lightning.callbacks import DataStatsLogger, DivergenceGuard, FitDiscretizer, Preemption, RandomStates
-from arsq_lightning.data.online import EPISODE_FIELDS
+from arsq_lightning.data.online import EPISODE_FIELDS, OnlineDataModule
 from arsq_lightning.discretizers import CoarseToFineDiscretizer, Discretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.errors import ConfigError, TrainingDiverged
 from arsq_lightning.nets.encoders import Encoder, FlattenEncoder
+from arsq_lightning.video import EvalVideo
 
 EncoderFactory = Callable[[int], Encoder]
 DiscretizerFactory = Callable[[list, list], Discretizer]
@@ -85,8 +86,14 @@ class ARSQModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """Counters and rates in the logs, fitting a data-adaptive discretizer, stopping on divergence, ending cleanly
-        on SIGTERM / SIGINT, restoring the global random states on resume."""
-        return [DataStatsLogger(), FitDiscretizer(), DivergenceGuard(), Preemption(), RandomStates()]
+        on SIGTERM / SIGINT, restoring the global random states on resume, evaluation videos (``data.video_every``)."""
+        callbacks = [DataStatsLogger(), FitDiscretizer(), DivergenceGuard(), Preemption(), RandomStates()]
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(data, OnlineDataModule) and data.hparams.video_every > 0:
+            callbacks.append(EvalVideo(data.hparams.video_every, data.hparams.video_size))
+        # a callback of a type the trainer already has is kept (the validate after fit, or the user's own settings)
+        present = {type(callback) for callback in self.trainer.callbacks} if self._trainer is not None else set()
+        return [callback for callback in callbacks if type(callback) not in present]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         try:

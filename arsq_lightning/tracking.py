@@ -89,13 +89,41 @@ class ResumableMLFlowLogger(MLFlowLogger):
     one a resumed checkpoint was written by), it marks the run RUNNING again, logs each metric only past the last step
     the run already holds for it (a run killed after its checkpoint had logged those steps once already), and records
     a param the run already holds with another value (say a larger ``trainer/max_steps``) as the tag
-    ``arsq.changed.<key>`` = ``"<old> -> <new>"``, since MLflow params cannot change."""
+    ``arsq.changed.<key>`` = ``"<old> -> <new>"``, since MLflow params cannot change.
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    Args:
+        system_metrics: also log MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk,
+            network, GPU when there is one) every ``system_metrics_interval`` seconds while the run is open.
+        system_metrics_interval: seconds between two samples of the system metrics.
+        *args, **kwargs: Lightning's ``MLFlowLogger`` (``experiment_name``, ``tracking_uri``, ``run_name``, ``tags``,
+            ``run_id``, ...).
+    """
+
+    def __init__(self, *args: Any, system_metrics: bool = False, system_metrics_interval: float = 10.0,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._continues_run = self._run_id is not None
         self._last_steps: dict[str, int] = {}  # metric -> the last step the continued run holds
         self._params: dict[str, str] = {}  # the continued run's params
+        self._system_metrics, self._system_metrics_interval = system_metrics, system_metrics_interval
+        self._monitor = None  # MLflow's SystemMetricsMonitor thread, once started
+
+    def _start_system_metrics(self) -> None:
+        """Start MLflow's system-metrics thread for this run (continuing its steps on a resumed run), once."""
+        if not self._system_metrics or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # needs psutil
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self._system_metrics_interval,
+                                             resume_logging=True, tracking_uri=self._tracking_uri)
+        self._monitor.start()
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        super().finalize(status)
 
     def _open_continued_run(self) -> None:
         """Read what the continued run already holds, once, and mark it RUNNING."""
@@ -113,6 +141,7 @@ class ResumableMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
         self._open_continued_run()
+        self._start_system_metrics()
         flat = _flatten_dict(_convert_params(params))
         for key, value in flat.items():
             text = str(value)[:250]  # as MLflow stores a param

@@ -10,7 +10,7 @@ Readers:
 
 Both return a TensorDict ``[T]`` with ``observation``, ``action``, ``episode`` and ``("next", observation | reward |
 terminated | truncated | done)``. Bad data raises :class:`~arsq_lightning.errors.ConfigError` naming the source and the
-problem. :func:`write_d4rl_hdf5` writes the same layout (used by ``scripts/make_dataset.py`` and the tests).
+problem. :func:`write_d4rl_hdf5` writes the same layout (used by ``arsq-dataset`` and the tests).
 """
 
 from __future__ import annotations

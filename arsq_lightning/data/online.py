@@ -96,13 +96,16 @@ class OnlineDataModule(L.LightningDataModule):
         eval_episodes: deterministic episodes per validation / test run.
         eval_seed: episode ``k`` of an evaluation resets with seed ``eval_seed + k``.
         eval_max_steps: cap on one evaluation episode's length.
+        video_every: every this many evaluations, evaluation episode 0 is rendered to an MP4 file logged to the
+            MLflow run under ``videos/`` (0: never; envs that cannot render are skipped with one line).
+        video_size: frame height = width of the videos, in pixels.
     """
 
     def __init__(self, env_id: str = "Pendulum-v1", *, seed: int | None = None, max_episode_steps: int | None = None,
                  env_kwargs: dict | None = None, frames_per_batch: int = 1, init_random_frames: int = 1000,
                  learning_starts: int | None = None, utd_ratio: float = 1.0, batch_size: int = 256,
                  buffer_size: int = 1_000_000, eval_episodes: int = 10, eval_seed: int = 1_000_000,
-                 eval_max_steps: int = 100_000):
+                 eval_max_steps: int = 100_000, video_every: int = 5, video_size: int = 240):
         super().__init__()
         for name, value in (("frames_per_batch", frames_per_batch), ("batch_size", batch_size),
                             ("buffer_size", buffer_size), ("eval_episodes", eval_episodes)):
@@ -110,6 +113,8 @@ class OnlineDataModule(L.LightningDataModule):
         require(utd_ratio > 0, f"data.utd_ratio must be positive, got {utd_ratio}")
         require(buffer_size >= batch_size, f"data.buffer_size ({buffer_size}) must hold a batch ({batch_size})")
         require(init_random_frames >= 0, f"data.init_random_frames must be >= 0, got {init_random_frames}")
+        require(video_every >= 0 and video_size >= 16,
+                f"data.video_every must be >= 0 and data.video_size >= 16, got {video_every} and {video_size}")
         self.save_hyperparameters()
         self.env_kwargs = dict(env_kwargs or {})
         if max_episode_steps is not None:

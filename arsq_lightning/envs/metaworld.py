@@ -52,11 +52,18 @@ UPSIDE_DOWN = ("corner", "corner2", "corner3", "corner4")
 DEFAULT_CAMERAS = ("corner2", "gripperPOV")
 
 
+def v3_environments() -> dict:
+    """Meta-World's ``{task name: env class}`` of its v3 tasks; a one-line :class:`ConfigError` without Meta-World."""
+    try:
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    except ImportError:
+        raise ConfigError("metaworld: envs need Meta-World: pip install 'arsq-lightning[metaworld]'") from None
+    return ALL_V3_ENVIRONMENTS
+
+
 def task_names() -> list[str]:
     """All Meta-World v3 task names (``reach-v3``, ...)."""
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-    return list(ALL_V3_ENVIRONMENTS)
+    return list(v3_environments())
 
 
 def _check(name: str, observation: str, cameras: Sequence[str], image_size: int, reward: str) -> None:
@@ -103,12 +110,12 @@ def terminates_on_success(reward: str, terminate_on_success: bool | None) -> boo
 def missing_dataset_hint(name: str, path: str, *, observation: str = "state",
                          cameras: Sequence[str] = DEFAULT_CAMERAS, image_size: int = 84, frame_stack: int = 1,
                          max_episode_steps: int | None = None, **_ignored) -> str:
-    """The ``scripts/make_demos.py`` command that writes scripted-expert demos for this env to ``path``."""
+    """The ``arsq-demos`` command that writes scripted-expert demos for this env to ``path``."""
     flags = f" --max-episode-steps {max_episode_steps}" if max_episode_steps else ""
     if observation == "pixels":
         flags += f" --observation pixels --cameras {' '.join(cameras)} --image-size {image_size}"
         flags += f" --frame-stack {frame_stack}" if frame_stack > 1 else ""
-    return f"make it with: python scripts/make_demos.py --task {name} --episodes 100 --noise 0.3{flags} --out {path}"
+    return f"make it with: arsq-demos --task {name} --episodes 100 --noise 0.3{flags} --out {path}"
 
 
 def make_base_env(name: str, *, seed: int = 0, max_episode_steps: int | None = None, **kwargs) -> MetaWorldEnv:
@@ -219,9 +226,7 @@ class MetaWorldEnv(EnvBase):
         require(max_episode_steps is None or max_episode_steps >= 1,
                 f"metaworld max_episode_steps must be >= 1, got {max_episode_steps}")
         super().__init__(device="cpu", batch_size=[])
-        from metaworld.env_dict import ALL_V3_ENVIRONMENTS
-
-        env = ALL_V3_ENVIRONMENTS[name]()
+        env = v3_environments()[name]()
         env._partially_observable = False  # the goal is part of the state (goal-observable single task)
         del env.sawyer_observation_space  # a cached property that depends on the flag above
         env._freeze_rand_vec, env.seeded_rand_vec = False, True  # a new task instance per reset, from env.np_random

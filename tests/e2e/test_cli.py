@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -133,6 +134,19 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     evaluations = client.search_runs([run.info.experiment_id], "tags.`arsq.command` != 'fit'")
     assert sorted(r.data.tags["arsq.command"] for r in evaluations) == ["test", "validate"]
     assert all(r.data.tags["arsq.ckpt_path"] == ckpt for r in evaluations)  # which checkpoint they evaluated
+    assert all(r.data.tags["arsq.source_run"] == run.info.run_id for r in evaluations)  # and which run wrote it
+
+
+def test_progress_bar_redraws_every_update_on_a_terminal_and_every_100_into_a_log(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert UpdatesProgressBar().refresh_rate == 1
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a file or a pipe: one line per redraw
+    assert UpdatesProgressBar().refresh_rate == UpdatesProgressBar.LOG_REFRESH_RATE == 100
+    assert UpdatesProgressBar(refresh_rate=7).refresh_rate == 7
 
 
 def test_progress_bar_counts_updates_and_shows_frames_loss_and_evaluation(monkeypatch, tmp_path):
@@ -243,19 +257,50 @@ def test_unusable_output_places_fail_within_seconds_with_one_line(where, message
     assert time.monotonic() - start < 60
 
 
+def test_system_metrics_are_logged_when_asked(monkeypatch, tmp_path):
+    uri = use_tmp_mlflow(monkeypatch, tmp_path)
+    build_cli(["fit", "--config", str(QUICKSTART), *TINY, "--trainer.logger.init_args.system_metrics", "true",
+               "--trainer.logger.init_args.system_metrics_interval", "0.05"])
+    client, run = only_run(uri)
+    assert run.data.metrics["system/cpu_utilization_percentage"] >= 0
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    assert run.info.status == "FINISHED"  # the monitor stopped with the run
+    build_cli(["fit", "--config", str(QUICKSTART), *TINY])
+    default = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert not any(key.startswith("system/") for key in default[0].data.metrics)  # off by default
+
+
 def test_runs_started_together_in_a_fresh_folder_share_one_store(tmp_path):
     """Three runs started at once create the SQLite store and the experiment without racing (they used to crash
-    with 'table experiments already exists')."""
+    with 'table experiments already exists'), each under its own name."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     args = ["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
     runs = [subprocess.Popen([sys.executable, "-m", "arsq_lightning.cli", *args, "--seed_everything", str(seed)],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for seed in range(3)]
+            for seed in (0, 0, 1)]
     errors = [run.communicate(timeout=300)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], errors
     client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("arsq")
-    assert len(client.search_runs([experiment.experiment_id])) == 3
+    names = [run.info.run_name for run in client.search_runs([experiment.experiment_id])]
+    assert len(set(names)) == 3  # the two seed-0 runs, started in the same second, have different names
+    assert sorted(name.split("-")[1] for name in names) == ["s0", "s0", "s1"]
+
+
+def test_fit_output_has_no_library_chatter(tmp_path):
+    """What `arsq fit` prints is about the run: no cloud-logger advertisement, no TorchRL INFO lines, no notes on
+    callbacks overridden or checkpoint defaults from the validate that follows the last update."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("RL_LOGGING_LEVEL", None)
+    args = ["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "7", "--trainer.val_check_interval", "5"]
+    result = subprocess.run([sys.executable, "-m", "arsq_lightning.cli", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "final eval return" in result.stdout  # the validate after the last update ran
+    output = result.stdout + result.stderr
+    for chatter in ("litlogger", "override existing callbacks", "`weights_only` was not set", "[torchrl][INFO]",
+                    "LeafSpec"):
+        assert chatter not in output, chatter
 
 
 def test_a_resume_with_other_model_settings_or_another_env_fails_with_one_line(monkeypatch, tmp_path, capsys):
@@ -286,3 +331,23 @@ def test_seed_everything_seeds_the_data_module_unless_data_seed_is_given(monkeyp
     args = ["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
     assert build_cli([*args, "--seed_everything", "3"]).datamodule.base_seed == 3
     assert build_cli([*args, "--seed_everything", "3", "--data.seed", "5"]).datamodule.base_seed == 5
+
+
+@pytest.mark.parametrize("tool", ["make_demos", "make_dataset", "compare", "benchmark", "bench"])
+def test_every_tool_runs_from_an_empty_directory(tool, tmp_path):
+    """The tools are modules of the package (entry points ``arsq-demos`` ...), so they need no checkout."""
+    result = subprocess.run([sys.executable, "-m", f"arsq_lightning.tools.{tool}", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:")
+
+
+def test_the_trainer_options_left_out_of_the_parser_are_fixed(monkeypatch, tmp_path):
+    """Epoch-based options are not offered; the trainer gets the values an update-counted run needs."""
+    from arsq_lightning.cli import TRAINER_FIXED
+
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    trainer = build_cli(["--config", str(QUICKSTART), *TINY], run=False).trainer
+    assert trainer.num_sanity_val_steps == TRAINER_FIXED["num_sanity_val_steps"] == 0
+    assert trainer.check_val_every_n_epoch is None and trainer.accumulate_grad_batches == 1
+    assert trainer.val_check_interval == 15 and trainer.max_steps == 30

@@ -1,4 +1,4 @@
-"""scripts/compare.py end to end: trains configs x seeds, tabulates, plots, nests the runs, rebuilds from MLflow."""
+"""arsq-compare end to end: trains configs x seeds, tabulates, plots, nests the runs, rebuilds from MLflow."""
 
 from __future__ import annotations
 
@@ -13,17 +13,16 @@ import pytest
 from matplotlib import image
 from mlflow import MlflowClient
 
-from helpers import QUICKSTART, REPO, TINY, use_tmp_mlflow
+from helpers import QUICKSTART, TINY, use_tmp_mlflow
 
-SCRIPT = REPO / "scripts" / "compare.py"
 ALPHAS = {"alpha0.01": "0.01", "alpha0.1": "0.1"}  # label -> --model.critic.init_args.soft_alpha
 BROKEN = "broken"  # soft_alpha 0: every run of it stops with a configuration error
 
 
 def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run scripts/compare.py in ``cwd``."""
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    """Run the ``arsq-compare`` tool (``python -m arsq_lightning.tools.compare``) in ``cwd``."""
+    return subprocess.run([sys.executable, "-m", "arsq_lightning.tools.compare", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
 
 
 def table_rows(path: Path) -> dict[str, dict[str, str]]:

@@ -1,13 +1,13 @@
-"""scripts/make_dataset.py end to end on tiny settings: train -> replay / rollouts -> mix, files readable and
-labelled."""
+"""arsq-dataset (arsq_lightning/tools/make_dataset.py) end to end on tiny settings: train -> replay / rollouts
+-> mix, files readable and labelled."""
 
 from __future__ import annotations
 
 import h5py
 
 from arsq_lightning import read_d4rl_hdf5, read_minari
+from arsq_lightning.tools import make_dataset
 
-import make_dataset
 from helpers import use_tmp_mlflow
 
 

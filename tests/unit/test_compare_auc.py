@@ -1,4 +1,5 @@
-"""scripts/compare.py's AUC: the time-average of a piecewise-linear evaluation curve (works on NumPy 1.26 and 2)."""
+"""arsq-compare's AUC (arsq_lightning/tools/compare.py): the time-average of a piecewise-linear evaluation curve
+(works on NumPy 1.26 and 2)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import numpy as np
 
-from compare import time_average
+from arsq_lightning.tools.compare import time_average
 
 
 def test_time_average_of_a_piecewise_linear_curve_matches_dense_sampling():

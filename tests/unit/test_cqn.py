@@ -15,8 +15,7 @@ from arsq_lightning.algos.cqn.loss import CQNLoss, c51_projection, fosd_penalty,
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder
-
-import reference
+from arsq_lightning.tools import reference
 
 OBS = 4
 

@@ -14,8 +14,7 @@ from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
 from arsq_lightning.nets.layers import EnsembleMLP
-
-import reference
+from arsq_lightning.tools import reference
 
 OBS_DIM = 4
 

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
-
-from reference import position_inputs, unit_codes
+from arsq_lightning.tools.reference import position_inputs, unit_codes
 
 
 def unit_disc(action_dim: int = 1, *, levels: int, bins: int) -> CoarseToFineDiscretizer:

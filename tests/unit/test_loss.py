@@ -13,8 +13,7 @@ from arsq_lightning.algos.base import total_loss
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.errors import ConfigError
 from arsq_lightning.nets.encoders import FlattenEncoder, MLPEncoder
-
-import reference
+from arsq_lightning.tools import reference
 
 OBS_DIM = 4
 CLIP_MIN, CLIP_MAX = -0.05, 0.2  # small enough that both ends of the clip are hit with out_gain 1.0 logits

@@ -1,7 +1,9 @@
 """Meta-World: env construction and specs, sparse success reward and termination, seeded resets, offscreen pixels,
-scripted-expert demos (scripts/make_demos.py) and their loading into the demo buffer of an ``arsq fit`` run."""
+scripted-expert demos (arsq-demos) and their loading into the demo buffer of an ``arsq fit`` run."""
 
 from __future__ import annotations
+
+import sys
 
 import h5py
 import numpy as np
@@ -13,8 +15,8 @@ from arsq_lightning import make_env, read_d4rl_hdf5
 from arsq_lightning.cli import build_cli
 from arsq_lightning.data.datasets import check_against_env
 from arsq_lightning.envs.core import env_spec_of
+from arsq_lightning.tools import make_demos
 
-import make_demos
 from helpers import REPO, TINY, only_run, use_tmp_mlflow
 
 REACH = "metaworld:reach-v3"
@@ -206,8 +208,8 @@ def test_missing_dataset_hint_is_a_valid_make_demos_command():
     hint = missing_dataset_hint("reach-v3", "demos/r.hdf5", observation="pixels", cameras=["corner2"], image_size=64,
                                 frame_stack=3, max_episode_steps=150)
     words = hint.split()
-    assert words[:4] == ["make", "it", "with:", "python"] and words[4] == "scripts/make_demos.py"
-    args = make_demos.parse_args(words[5:])
+    assert words[:4] == ["make", "it", "with:", "arsq-demos"]
+    args = make_demos.parse_args(words[4:])
     assert (args.task, args.out, args.observation, args.cameras) == ("reach-v3", "demos/r.hdf5", "pixels", ["corner2"])
     assert (args.image_size, args.frame_stack, args.max_episode_steps) == (64, 3, 150)
 
@@ -222,7 +224,20 @@ def test_missing_demos_file_says_how_to_make_it(monkeypatch, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arsq: error:")]
     assert len(err) == 1 and "no such file" in err[0]
-    assert "python scripts/make_demos.py --task reach-v3" in err[0] and "--out demos/none.hdf5" in err[0]
+    assert "arsq-demos --task reach-v3" in err[0] and "--out demos/none.hdf5" in err[0]
+
+
+def test_without_metaworld_installed_envs_and_make_demos_fail_with_one_line(monkeypatch, tmp_path, capsys):
+    """``import metaworld...`` failing (the extra not installed) gives one line naming the extra, no traceback."""
+    from arsq_lightning.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "metaworld.env_dict", None)  # None in sys.modules: the import raises
+    with pytest.raises(ConfigError, match=r"pip install 'arsq-lightning\[metaworld\]'"):
+        make_env("metaworld:reach-v3")
+    assert make_demos.cli(["--task", "reach-v3", "--episodes", "1", "--out", str(tmp_path / "d.hdf5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["arsq-demos: error: metaworld: envs need Meta-World: pip install 'arsq-lightning[metaworld]'"]
+    assert not (tmp_path / "d.hdf5").exists()
 
 
 def test_make_demos_mixes_noise_levels_and_random_episodes(tmp_path):

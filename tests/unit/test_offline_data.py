@@ -173,7 +173,7 @@ def test_rescaled_rewards_train_the_default_recipe_identically(rule, monkeypatch
     """``reward_scale: auto`` divides rewards by the dataset's largest discounted return-to-go (``max_reward``: by
     the largest reward), so the same data with rewards x8 (a power of two: exact in floating point) trains
     bit-identical weights; a fixed scale does not."""
-    import make_demos
+    from arsq_lightning.tools import make_demos
 
     dense = tmp_path / "dense.hdf5"
     make_demos.main(["--task", "reach-v3", "--episodes", "2", "--noise", "0.3", "--reward", "dense",

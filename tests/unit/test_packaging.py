@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -72,3 +73,20 @@ def test_the_wheel_ships_every_config(tmp_path):
     shipped = sorted(n.removeprefix("arsq_lightning/configs/").removesuffix(".yaml") for n in names
                      if n.startswith("arsq_lightning/configs/") and n.endswith(".yaml"))
     assert shipped == YAML
+
+
+TOOLS = {"arsq": "arsq_lightning.cli:main", "arsq-demos": "arsq_lightning.tools.make_demos:cli",
+         "arsq-dataset": "arsq_lightning.tools.make_dataset:main", "arsq-compare": "arsq_lightning.tools.compare:main",
+         "arsq-benchmark": "arsq_lightning.tools.benchmark:main", "arsq-bench": "arsq_lightning.tools.bench:main"}
+
+
+def test_the_tools_are_entry_points_and_the_scripts_run_the_same_functions():
+    tomllib = pytest.importorskip("tomllib")
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"] == TOOLS
+    for target in TOOLS.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
+    for script in (REPO / "scripts").glob("*.py"):  # each a shim: python scripts/X.py == the tool
+        (target,) = [t for t in TOOLS.values() if t.split(":")[0] == f"arsq_lightning.tools.{script.stem}"]
+        module, function = target.split(":")
+        assert f"from {module} import {function}\n" in script.read_text()

@@ -25,7 +25,7 @@ def test_each_suite_module_has_the_protocol_functions(prefix):
 
 
 def test_dataset_hints_come_from_the_suite():
-    assert "make_demos.py" in dataset_hint("metaworld:reach-v3", "missing.hdf5")
+    assert "arsq-demos --task reach-v3" in dataset_hint("metaworld:reach-v3", "missing.hdf5")
     assert dataset_hint("dmc:cheetah-run", "missing.hdf5") == ""
     assert dataset_hint("Pendulum-v1", "missing.hdf5") == ""
     with pytest.raises(ConfigError, match="unknown env suite 'atari'"):

@@ -3,7 +3,7 @@
 It reads the weights of an :class:`~arsq_lightning.algos.arsq.head.AutoregressiveHead` (member ``k * num_chunks + c`` is
 critic ``k``'s advantage MLP for chunk ``c``) but computes everything itself: intervals by explicit zoom-in in
 float64, one MLP call per (critic, position), logsumexp normalisation, and loops over positions and bins in the
-loss. The tests compare the fused implementation to it; ``scripts/bench.py`` times it.
+loss. The tests compare the fused implementation to it; ``arsq-bench`` times it.
 """
 
 from __future__ import annotations
