@@ -87,6 +87,12 @@ class EnsembleMLP(nn.Module):
         return self.act(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        for index, layer in enumerate(self.layers):
+        return self.after_first_layer(self.layers[0](x))
+
+    def after_first_layer(self, pre: Tensor) -> Tensor:
+        """The stack from the first layer's output ``pre`` ``[E, M, H0]`` on (its norm and activation, then the other
+        layers), for callers that compute the first affine map in parts."""
+        x = self.activate(0, pre)
+        for index, layer in enumerate(self.layers[1:], start=1):
             x = self.activate(index, layer(x))
         return x

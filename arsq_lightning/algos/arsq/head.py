@@ -93,18 +93,24 @@ class AutoregressiveHead(Head):
     def advantage_logits(self, features: Tensor, cond: Tensor) -> Tensor:
         """Raw logits of all positions at once (teacher forcing): ``[B, F], [B, N, D] -> [C, B, N, K]``.
 
-        Rows are laid out slot-major (``[E, S * B, F + D]``) so the output layer is one batched matmul over
-        ``E * S`` (member, slot) pairs, each reading only its own slot's weights.
+        Rows are laid out slot-major (``[E, S * B, ...]``) so the output layer is one batched matmul over
+        ``E * S`` (member, slot) pairs, each reading only its own slot's weights. The first layer is computed in two
+        parts: the features' part once per sample and member (``[E, B, H]``), broadcast over the ``S`` slots, plus
+        the conditioning part of every position.
         """
-        batch, n, slots = features.shape[0], self.num_positions, self.chunk
-        x = torch.cat([features.unsqueeze(1).expand(batch, n, features.shape[-1]), cond], dim=-1)
-        x = x.view(batch, self.num_chunks, slots, -1).permute(1, 2, 0, 3).reshape(self.num_chunks, slots * batch, -1)
-        h = self.adv_trunk(x.repeat(self.num_critics, 1, 1))  # [E, S * B, H]
-        members = h.shape[0]
+        batch, slots, width = features.shape[0], self.chunk, self.feature_dim
+        first = self.adv_trunk.layers[0]
+        members = first.weight.shape[0]  # E = C * num_chunks, member e = critic * num_chunks + chunk
+        feature_part = torch.baddbmm(first.bias, features.expand(members, *features.shape), first.weight[:, :width])
+        rows = cond.view(batch, self.num_chunks, slots, -1).permute(1, 2, 0, 3).reshape(self.num_chunks, slots * batch,
+                                                                                         -1)
+        cond_part = torch.bmm(rows.repeat(self.num_critics, 1, 1), first.weight[:, width:])  # [E, S * B, H]
+        pre = (cond_part.view(members, slots, batch, -1) + feature_part.unsqueeze(1)).view(members, slots * batch, -1)
+        h = self.adv_trunk.after_first_layer(pre)  # [E, S * B, H]
         out = torch.baddbmm(self.adv_bias.view(members * slots, 1, self.bins), h.view(members * slots, batch, -1),
                             self.adv_weight.view(members * slots, -1, self.bins))  # [E * S, B, K]
         out = out.view(self.num_critics, self.num_chunks, slots, batch, self.bins).permute(0, 3, 1, 2, 4)
-        return out.reshape(self.num_critics, batch, n, self.bins)
+        return out.reshape(self.num_critics, batch, self.num_positions, self.bins)
 
     def acting_cache(self, features: Tensor) -> dict:
         """Per-call work shared by all positions when acting: the features' part of every first layer and the
