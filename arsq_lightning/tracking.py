@@ -25,6 +25,7 @@ import arsq_lightning
 
 TRAINER_PARAMS = ("max_steps", "val_check_interval", "log_every_n_steps", "precision", "accelerator", "devices",
                   "num_nodes", "strategy")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow UI to pick the experiment's view
 
 
 def git_state(directory: Path) -> dict[str, str]:
@@ -138,10 +139,18 @@ class ResumableMLFlowLogger(MLFlowLogger):
         if run.info.status != "RUNNING":
             client.update_run(self.run_id, "RUNNING")
 
+    def _mark_experiment_kind(self) -> None:
+        """Tag the experiment as model training, so that the MLflow UI opens it in its training view (MLflow 3
+        guesses its GenAI view for an untagged experiment)."""
+        experiment = self.experiment.get_experiment(self.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self.experiment.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
         self._open_continued_run()
         self._start_system_metrics()
+        self._mark_experiment_kind()
         flat = _flatten_dict(_convert_params(params))
         for key, value in flat.items():
             text = str(value)[:250]  # as MLflow stores a param

@@ -91,7 +91,8 @@ def make_env(env_id: str, *, seed: int = 0, max_episode_steps: int | None = None
         base = suite.make_base_env(env_id.partition(":")[2], seed=seed, max_episode_steps=max_episode_steps,
                                    **env_kwargs)
         stacking = frame_stack_transforms(_nested_keys(base), frame_stack)
-        env = TransformedEnv(base, Compose(StepCounter(), DoubleToFloat(), RewardSum(), *stacking))
+        # a suite's env may itself be a TransformedEnv: its transforms and these become one chain
+        env = TransformedEnv(base, Compose(StepCounter(), DoubleToFloat(), RewardSum(), *stacking), auto_unwrap=True)
         env.set_seed(seed)
         return env
     try:

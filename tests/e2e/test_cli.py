@@ -100,6 +100,8 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
                 "train/grad_updates", "time/fps", "time/updates_per_s"):
         assert key in run.data.metrics, key
     assert run.data.metrics["eval/episodes"] == 2
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
     # training metrics are computed and logged on Lightning's logging steps only (log_every_n_steps 5 in TINY)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == steps // 5
     assert run.info.run_name.startswith("quickstart-s0-")  # <config>-s<seed>-<time>, not MLflow's seeded name
@@ -113,7 +115,7 @@ def test_fit_logs_eval_metrics_and_checkpoint_then_validate_reproduces_them(step
     assert {"config.yaml", "checkpoints", "learning_curve.png"} <= artifacts
     curve = client.download_artifacts(run.info.run_id, "learning_curve.png", str(tmp_path))
     assert image.imread(curve).shape[1] > 300  # a real PNG
-    stored = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    stored = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints") if not a.is_dir]  # not buffers/
     assert "checkpoints/last.ckpt" in stored
     # each checkpoint is stored once: written into the run's artifacts, no copy anywhere else
     assert cli.trainer.checkpoint_callback.dirpath == os.path.join(run.info.artifact_uri, "checkpoints")
