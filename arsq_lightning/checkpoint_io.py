@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from arsq_lightning.data import buffer_files
 from arsq_lightning.errors import ConfigError, require
 
 
@@ -30,6 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = path.removeprefix("file://")
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
+        buffer_files.place_beside(checkpoint, directory)
         handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(handle, "wb") as f:
@@ -41,11 +44,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if os.path.exists(temporary):
                 os.remove(temporary)
             raise
+        buffer_files.prune(directory)
+
+    def remove_checkpoint(self, path) -> None:
+        """Lightning's removal, then the buffer folders no remaining checkpoint refers to."""
+        super().remove_checkpoint(path)
+        path = str(path)
+        if "://" not in path or path.startswith("file://"):
+            buffer_files.prune(os.path.dirname(os.path.abspath(path.removeprefix("file://"))))
 
 
-def check_checkpoint(path: str) -> dict:
-    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint;
-    returns the checkpoint (tensors memory-mapped)."""
+def check_checkpoint(path: str, needs_buffers: bool = False) -> dict:
+    """One line, before anything starts, for a ``--ckpt_path`` that is missing, truncated or not a checkpoint, or
+    (``needs_buffers``: a resume) whose replay buffers beside it are gone; returns the checkpoint (tensors
+    memory-mapped)."""
     require(os.path.isfile(path), f"--ckpt_path {path}: no such file")
     require(zipfile.is_zipfile(path), f"--ckpt_path {path}: not a complete checkpoint file (truncated, or not saved "
             "by torch.save)")
@@ -56,4 +68,9 @@ def check_checkpoint(path: str) -> dict:
     keys = set(saved) if isinstance(saved, dict) else {type(saved).__name__}
     require({"state_dict", "global_step"} <= keys, f"--ckpt_path {path}: not a Lightning checkpoint of this project "
             f"(it holds {sorted(keys)[:5]})")
+    for state in saved.values():  # the data module's state, under its class name
+        if needs_buffers and isinstance(state, dict) and "buffer_folder" in state:
+            folder = os.path.join(os.path.dirname(os.path.abspath(path)), state["buffer_folder"], "rank-0")
+            require(buffer_files.is_complete(Path(folder)), f"--ckpt_path {path}: its replay buffers are missing or "
+                    f"incomplete ({folder}); the buffers folder beside a checkpoint moves with it")
     return saved

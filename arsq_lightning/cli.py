@@ -161,7 +161,7 @@ class ArsqCLI(LightningCLI):
         if self.config.get("subcommand"):
             path = self.config[self.config.subcommand].get("ckpt_path")
             if path not in (None, "last", "best", "hpc", "registry"):
-                saved = check_checkpoint(path)
+                saved = check_checkpoint(path, needs_buffers=self.config.subcommand == "fit")
                 self._check_model_matches(path, saved.get("hyper_parameters", {}))
                 self.checkpoint_run = saved.get("mlflow_run")
         super()._parse_ckpt_path()

@@ -13,9 +13,11 @@ its result row (:data:`EPISODE_FIELDS`). :meth:`OnlineDataModule.stats` is what 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -26,6 +28,7 @@ from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from arsq_lightning.data import buffer_files
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
 from arsq_lightning.errors import require
@@ -131,7 +134,7 @@ class OnlineDataModule(L.LightningDataModule):
         self.buffer: TensorDictReplayBuffer | None = None
         self._collector: Collector | None = None
         self._eval_env = None
-        self._pending_buffer_state: dict | None = None
+        self._pending_buffer_state: dict | Path | None = None  # restored once the buffers exist
         self._acting_generator = torch.Generator()  # exploration noise of the collecting policy (seeded in setup)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
@@ -281,42 +284,76 @@ class OnlineDataModule(L.LightningDataModule):
         success = float(rollout[NEXT_SUCCESS].any()) if NEXT_SUCCESS in rollout.keys(True) else math.nan
         return float(rollout[NEXT_REWARD].sum()), rollout.numel(), success
 
-    # --- checkpointing --------------------------------------------------------------------------------------------
+    # --- checkpointing -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Counters, recent returns and the filled part of the replay buffer, stored in the checkpoint.
+        """Counters and recent returns, stored in the checkpoint, and every rank's replay buffers and acting RNG.
 
-        Lightning writes rank 0's state only; see :meth:`load_state_dict` for the other ranks.
+        With a checkpoint directory (``arsq fit`` always has one) each rank writes its buffers beside the checkpoint
+        (:mod:`~arsq_lightning.data.buffer_files`) and the checkpoint names the folder; without one, rank 0's buffers
+        go into the checkpoint itself (Lightning writes rank 0's state only).
         """
         state = {"frames": self.frames, "updates_done": self.updates_done,
                  "episode_returns": list(self.episode_returns), "acting_rng": self._acting_generator.get_state()}
-        if self._rank() == 0:
-            buffers = {name: _buffer_state(b) for name, b in self._buffers().items() if b is not None and len(b)}
-            if buffers:
-                state["buffers"] = buffers
+        buffers = {name: b for name, b in self._buffers().items() if b is not None}
+        directory = self._checkpoint_directory()
+        if directory is not None and buffers:
+            name = buffer_files.folder_name(self.trainer.global_step)
+            buffer_files.save(buffers, Path(directory, name, f"rank-{self._rank()}"),
+                              {"acting_rng": self._acting_generator.get_state()})
+            state["buffer_folder"], state["buffer_root"] = name, os.path.abspath(directory)  # root: where written
+        elif self._rank() == 0:
+            embedded = {name: _buffer_state(b) for name, b in buffers.items() if len(b)}
+            if embedded:
+                state["buffers"] = embedded
         return state
 
     def _buffers(self) -> dict[str, TensorDictReplayBuffer | None]:
         """The replay buffers a checkpoint holds, by name."""
         return {"replay": self.buffer}
 
+    def _checkpoint_directory(self) -> str | None:
+        """The local folder the checkpoints go to, or ``None`` (no checkpoint callback, or a remote path)."""
+        callback = self.trainer.checkpoint_callback if self.trainer is not None else None
+        directory = None if callback is None else callback.dirpath  # a ModelCheckpoint
+        if directory is None or ("://" in str(directory) and not str(directory).startswith("file://")):
+            return None
+        return str(directory).removeprefix("file://")
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore counters; rank 0 also restores the acting RNG and the buffers (when fitting), other ranks start
-        collecting afresh."""
+        """Restore counters; when fitting, each rank restores its own buffers and acting RNG. A rank whose buffers
+        were not saved (rank > 0 of an old checkpoint, or a larger world) starts collecting afresh."""
         self.frames, self.updates_done = state["frames"], state["updates_done"]
         self.episode_returns.extend(state.get("episode_returns", []))
-        fitting = self.trainer is None or self.trainer.state.fn == "fit"
-        if self._rank() != 0:
+        if not (self.trainer is None or self.trainer.state.fn == "fit"):
+            return
+        saved = self._saved_buffers(state)
+        if saved is None:
             self._frames_origin, self._updates_origin = self.frames, self.updates_done  # a new warm-up
             return
-        if "acting_rng" in state:
+        if "acting_rng" in state and self._rank() == 0:
             self._acting_generator.set_state(state["acting_rng"])
-        if "buffers" in state and fitting:
-            if self.buffer is None:
-                self._pending_buffer_state = state["buffers"]
-            else:
-                self._restore_buffers(state["buffers"])
+        if self.buffer is None:
+            self._pending_buffer_state = saved
+        else:
+            self._restore_buffers(saved)
 
-    def _restore_buffers(self, saved: dict) -> None:
+    def _saved_buffers(self, state: dict) -> dict | Path | None:
+        """This rank's saved buffers: embedded in the checkpoint (a dict), a folder beside it, or ``None``."""
+        if "buffer_folder" in state:
+            checkpoint = self.trainer.ckpt_path if self.trainer is not None else None
+            require(checkpoint is not None, "a checkpoint with its buffers beside it is restored through fit's "
+                    "--ckpt_path")
+            folder = Path(os.path.dirname(os.path.abspath(checkpoint)), state["buffer_folder"], f"rank-{self._rank()}")
+            if self._rank() == 0 or buffer_files.is_complete(folder):
+                return folder  # rank 0's folder must be there: a missing one is a one-line error
+            return None
+        return state.get("buffers") if self._rank() == 0 else None
+
+    def _restore_buffers(self, saved: dict | Path) -> None:
+        if isinstance(saved, Path):
+            extra = buffer_files.load({n: b for n, b in self._buffers().items() if b is not None}, saved)
+            self._acting_generator.set_state(extra["acting_rng"])
+            return
         for name, buffer in self._buffers().items():
             if name in saved:
                 buffer.empty()

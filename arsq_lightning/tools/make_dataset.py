@@ -5,7 +5,7 @@ kind, the env id, and the generating policy's mean evaluation return and D4RL-no
 
 Kinds and commands (run from the repository root, in the project's venv):
 
-    # 1. train a policy with the project (ARSQ online); its checkpoint holds the replay buffer
+    # 1. train a policy with the project (ARSQ online); its replay buffer is saved beside the checkpoint
     arsq-dataset train --env HalfCheetah-v5 --steps 25000 --out runs/gen/halfcheetah
     # 2. medium-replay: that training's replay buffer, in collection order
     arsq-dataset replay --checkpoint runs/gen/halfcheetah/last.ckpt --out hc_medium_replay.hdf5
@@ -35,7 +35,9 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from arsq_lightning import ARSQModule, make_env, normalized_score, read_d4rl_hdf5, write_d4rl_hdf5
 from arsq_lightning.cli import build_cli
+from arsq_lightning.data import buffer_files
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, task_name
+from arsq_lightning.errors import ConfigError
 from arsq_lightning.policy import make_actor
 from arsq_lightning.shipped_configs import resolve_config
 
@@ -78,11 +80,20 @@ def _checkpoint(path: str) -> tuple[dict, ARSQModule]:
     return ckpt, ARSQModule.load_from_checkpoint(path, map_location="cpu")
 
 
-def _data_state(ckpt: dict) -> dict:
-    states = [v for k, v in ckpt.items() if isinstance(v, dict) and "buffers" in v]
-    if not states:
-        raise SystemExit("the checkpoint holds no replay buffer (was it written by `make_dataset.py train`?)")
-    return states[0]
+def _replay_rows(ckpt: dict, path: str) -> TensorDict:
+    """The training's replay buffer (rank 0's), from its folder beside the checkpoint or, in checkpoints written
+    without a checkpoint folder, from the checkpoint itself."""
+    for state in ckpt.values():  # the data module's state, under its class name
+        if isinstance(state, dict) and "buffer_folder" in state:
+            folder = Path(path).resolve().parent / state["buffer_folder"] / "rank-0"
+            try:
+                return buffer_files.read_rows(folder, "replay")
+            except ConfigError as err:
+                raise SystemExit(f"arsq-dataset: error: {err}") from None
+        if isinstance(state, dict) and "buffers" in state:
+            saved = state["buffers"]["replay"]
+            return TensorDict(saved["data"], batch_size=[saved["length"]])
+    raise SystemExit("the checkpoint holds no replay buffer (was it written by `arsq-dataset train`?)")
 
 
 def _env_id(ckpt: dict) -> str:
@@ -132,8 +143,7 @@ def _episode_returns(data: TensorDict) -> torch.Tensor:
 
 def replay(args: argparse.Namespace) -> None:
     ckpt, module = _checkpoint(args.checkpoint)
-    saved = _data_state(ckpt)["buffers"]["replay"]
-    data = TensorDict(saved["data"], batch_size=[saved["length"]])
+    data = _replay_rows(ckpt, args.checkpoint)
     env_id = _env_id(ckpt)
     _write(data, args, _metadata("medium-replay", env_id, _policy_return(module, env_id), updates=ckpt["global_step"]))
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from tensordict import TensorDict
 
-from arsq_lightning.cli import build_cli
+from arsq_lightning.cli import build_cli, main
 
 from helpers import only_run, use_tmp_mlflow, write_random_dataset
 
@@ -96,7 +98,9 @@ def test_a_resume_continues_its_mlflow_run_without_duplicate_points(monkeypatch,
     config = _config(tmp_path)
     first = _fit(config, tmp_path / "run", "--trainer.max_steps", "10")
     older = tmp_path / "step10.ckpt"
-    shutil.copyfile(first.trainer.checkpoint_callback.last_model_path, older)
+    last = Path(first.trainer.checkpoint_callback.last_model_path)
+    shutil.copyfile(last, older)  # a checkpoint is copied with its buffers folder
+    shutil.copytree(last.parent / "buffers" / "update-10", tmp_path / "buffers" / "update-10")
     second = _fit(config, tmp_path / "run", "--trainer.max_steps", "20", "--ckpt_path", str(older))
     third = _fit(config, tmp_path / "run", "--trainer.max_steps", "30", "--ckpt_path", str(older))
     assert first.trainer.logger.run_id == second.trainer.logger.run_id == third.trainer.logger.run_id
@@ -108,3 +112,26 @@ def test_a_resume_continues_its_mlflow_run_without_duplicate_points(monkeypatch,
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")] == [9, 19, 29]
     assert run.data.params["trainer/max_steps"] == "10"
     assert run.data.tags["arsq.changed.trainer/max_steps"] == "10 -> 30"
+
+
+def test_buffers_live_beside_the_checkpoint_one_folder_per_save_and_a_lost_folder_is_one_line(monkeypatch, tmp_path,
+                                                                                                capsys):
+    """The ``.ckpt`` holds no buffer rows (its size does not grow with the data); folders no checkpoint refers to
+    are removed; resuming a checkpoint whose folder is gone fails with one line before anything starts."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    first = _fit(config, tmp_path / "run", "--trainer.max_steps", "30")
+    directory = Path(first.trainer.checkpoint_callback.dirpath)
+    saved = torch.load(directory / "last.ckpt", weights_only=False)
+    state = saved[type(first.datamodule).__qualname__]
+    assert state["buffer_folder"] == "buffers/update-30" and "buffers" not in state
+    assert sorted(p.name for p in (directory / "buffers").iterdir()) == ["update-30"]  # 10 and 20 pruned
+    rows = first.datamodule.buffer.storage[:len(first.datamodule.buffer)]
+    on_disk = TensorDict.load_memmap(directory / "buffers" / "update-30" / "rank-0" / "replay")
+    assert (on_disk == rows).all() and on_disk.batch_size == rows.batch_size
+    shutil.rmtree(directory / "buffers")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--ckpt_path", str(directory / "last.ckpt")])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arsq: error:")]
+    assert len(errors) == 1 and "its replay buffers are missing" in errors[0], errors

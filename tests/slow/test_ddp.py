@@ -28,3 +28,14 @@ def test_ddp_two_cpu_ranks_keep_identical_parameters(tmp_path):
     assert not torch.equal(ranks[0]["online"], ranks[0]["target"])
     _, run = only_run(uri)  # only rank 0 logs: a single MLflow run, with the evaluation
     assert "eval/return_mean" in run.data.metrics
+
+    # a resume gives each rank back its own buffer (saved beside the checkpoint by each rank), no new warm-up
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    resume = [*command[:-1], f"--trainer.callbacks.out_dir={tmp_path}/resumed", "--trainer.max_steps", "35",
+              "--ckpt_path", str(checkpoint)]
+    result = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        restored = torch.load(tmp_path / "resumed" / f"start-rank{rank}.pt")
+        assert torch.equal(restored["buffer"], ranks[rank]["buffer"]), f"rank {rank} lost its buffer"
+        assert restored["frames_origin"] == 0

@@ -17,7 +17,12 @@ from arsq_lightning.data.online import PendingBatch
 
 
 class _FakeTrainer(SimpleNamespace):
-    """Just what the data module reads from a Lightning trainer."""
+    """Just what the data module reads from a Lightning trainer (no checkpoint folder unless given: the buffers go
+    into the checkpoint)."""
+
+    checkpoint_callback = None
+    global_step = 0
+    ckpt_path = None
 
 
 def _data_with_collector(**kwargs) -> OnlineDataModule:
@@ -121,6 +126,39 @@ def test_other_ranks_do_not_take_rank_zero_buffer_on_resume():
     rank1.buffer = ReplayBuffer(storage=LazyTensorStorage(500))
     rank1.buffer.extend(TensorDict({"observation": torch.zeros(8, 3)}, batch_size=[8]))
     assert rank1.updates_owed() == 0  # it warms up on its own data first
+
+
+def test_every_rank_saves_and_restores_its_own_buffer_beside_the_checkpoint(tmp_path):
+    """With a checkpoint folder each rank writes its buffer and acting RNG there; on resume each rank reads its own
+    (rank 1 continues without a new warm-up), and a rank with no saved folder warms up afresh."""
+    ranks = []
+    for rank in (0, 1):
+        data = _data_with_collector(seed=rank)  # different data per rank
+        data.trainer.global_rank, data.trainer.world_size = rank, 2
+        data.trainer.checkpoint_callback = SimpleNamespace(dirpath=str(tmp_path / "ckpts"))
+        for _ in range(3):
+            data.next_batch()
+        data.trainer.global_step = 3
+        ranks.append((data, data.state_dict()))
+    assert all(state["buffer_folder"] == "buffers/update-3" and "buffers" not in state for _, state in ranks)
+    for rank, (data, _) in enumerate(ranks):
+        restored = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8,
+                                    buffer_size=500)
+        restored.trainer = _FakeTrainer(global_rank=rank, world_size=2, state=SimpleNamespace(fn="fit"),
+                                        ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
+        restored.load_state_dict(ranks[0][1])  # Lightning gives every rank rank 0's state
+        restored._build_buffer()
+        assert (restored._frames_origin, restored._updates_origin) == (0, 0)  # no new warm-up
+        filled = len(data.buffer)
+        assert len(restored.buffer) == filled
+        assert (restored.buffer.storage[:filled] == data.buffer.storage[:filled]).all()
+        assert torch.equal(restored._acting_generator.get_state(), data._acting_generator.get_state())
+        assert torch.equal(restored.buffer.sample()["observation"], data.buffer.sample()["observation"])
+    third = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8, buffer_size=500)
+    third.trainer = _FakeTrainer(global_rank=2, world_size=3, state=SimpleNamespace(fn="fit"),
+                                 ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
+    third.load_state_dict(ranks[0][1])
+    assert third._pending_buffer_state is None and third._frames_origin == ranks[0][1]["frames"]
 
 
 def test_buffer_smaller_than_batch_is_rejected():

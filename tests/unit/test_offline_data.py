@@ -27,7 +27,8 @@ def hopper_file(tmp_path_factory):
 
 def _attach(data: OfflineToOnlineDataModule, rank: int = 0) -> OfflineToOnlineDataModule:
     data.trainer = SimpleNamespace(global_rank=rank, world_size=1, lightning_module=ARSQModule(data.env_spec),
-                                   state=SimpleNamespace(fn="fit"), logger=None)
+                                   state=SimpleNamespace(fn="fit"), logger=None,
+                                   checkpoint_callback=None, global_step=0, ckpt_path=None)
     data.setup("fit")
     return data
 
