@@ -284,7 +284,7 @@ class OnlineDataModule(L.LightningDataModule):
         success = float(rollout[NEXT_SUCCESS].any()) if NEXT_SUCCESS in rollout.keys(True) else math.nan
         return float(rollout[NEXT_REWARD].sum()), rollout.numel(), success
 
-    # --- checkpointing -----------------------------------------------------------------------------------------------
+    # --- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Counters and recent returns, stored in the checkpoint, and every rank's replay buffers and acting RNG.
 
