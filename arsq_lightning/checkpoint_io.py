@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +69,7 @@ def check_checkpoint(path: str, needs_buffers: bool = False) -> dict:
             f"(it holds {sorted(keys)[:5]})")
     for state in saved.values():  # the data module's state, under its class name
         if needs_buffers and isinstance(state, dict) and "buffer_folder" in state:
-            folder = os.path.join(os.path.dirname(os.path.abspath(path)), state["buffer_folder"], "rank-0")
-            require(buffer_files.is_complete(Path(folder)), f"--ckpt_path {path}: its replay buffers are missing or "
+            folder = buffer_files.rank_folder(path, state["buffer_folder"], 0)
+            require(buffer_files.is_complete(folder), f"--ckpt_path {path}: its replay buffers are missing or "
                     f"incomplete ({folder}); the buffers folder beside a checkpoint moves with it")
     return saved

@@ -34,6 +34,11 @@ def folder_name(update: int) -> str:
     return os.path.join("buffers", f"update-{update}")
 
 
+def rank_folder(checkpoint: str | os.PathLike, buffer_folder: str, rank: int) -> Path:
+    """Rank ``rank``'s folder of the buffers a checkpoint names (``buffer_folder``, relative to the checkpoint)."""
+    return Path(os.path.dirname(os.path.abspath(checkpoint)), buffer_folder, f"rank-{rank}")
+
+
 def save(buffers: dict[str, TensorDictReplayBuffer], folder: Path, extra: dict) -> None:
     """Write ``buffers`` (name -> buffer) and ``extra`` into ``folder``, ``COMPLETE`` last; nothing if it is there
     already (``last.ckpt`` and the step's own checkpoint are saved at the same update)."""

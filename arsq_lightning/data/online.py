@@ -330,7 +330,7 @@ class OnlineDataModule(L.LightningDataModule):
         if saved is None:
             self._frames_origin, self._updates_origin = self.frames, self.updates_done  # a new warm-up
             return
-        if "acting_rng" in state and self._rank() == 0:
+        if "acting_rng" in state and not isinstance(saved, Path):  # a folder holds this rank's own
             self._acting_generator.set_state(state["acting_rng"])
         if self.buffer is None:
             self._pending_buffer_state = saved
@@ -343,7 +343,7 @@ class OnlineDataModule(L.LightningDataModule):
             checkpoint = self.trainer.ckpt_path if self.trainer is not None else None
             require(checkpoint is not None, "a checkpoint with its buffers beside it is restored through fit's "
                     "--ckpt_path")
-            folder = Path(os.path.dirname(os.path.abspath(checkpoint)), state["buffer_folder"], f"rank-{self._rank()}")
+            folder = buffer_files.rank_folder(checkpoint, state["buffer_folder"], self._rank())
             if self._rank() == 0 or buffer_files.is_complete(folder):
                 return folder  # rank 0's folder must be there: a missing one is a one-line error
             return None

@@ -85,7 +85,7 @@ def _replay_rows(ckpt: dict, path: str) -> TensorDict:
     without a checkpoint folder, from the checkpoint itself."""
     for state in ckpt.values():  # the data module's state, under its class name
         if isinstance(state, dict) and "buffer_folder" in state:
-            folder = Path(path).resolve().parent / state["buffer_folder"] / "rank-0"
+            folder = buffer_files.rank_folder(path, state["buffer_folder"], 0)
             try:
                 return buffer_files.read_rows(folder, "replay")
             except ConfigError as err:
