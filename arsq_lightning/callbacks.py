@@ -15,7 +15,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, TrainingDiverged
@@ -141,9 +141,11 @@ class Preemption(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
-        if self.signal is None or trainer.checkpoint_callback is None or trainer.checkpoint_callback.dirpath is None:
+        callback = trainer.checkpoint_callback
+        if self.signal is None or not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
             return
-        self.checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
+        self.checkpoint = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+        callback.last_model_path = self.checkpoint  # saved with it, so a resume overwrites it (not last-v1.ckpt)
         trainer.save_checkpoint(self.checkpoint)
 
     def _restore(self) -> None:

@@ -18,11 +18,12 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Sequence
 
@@ -316,15 +317,22 @@ def check_tracking_uri(uri: str | None) -> None:
     if uri.startswith("sqlite:///"):
         check_writable(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))), f"MLflow store {uri}")
     elif uri.startswith(("http://", "https://")):
-        parsed = urllib.parse.urlparse(uri)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=5).close()
-        except OSError as err:
-            raise ConfigError(f"MLflow tracking server {uri} does not answer ({err}); start it, or use a local "
-                              "store: MLFLOW_TRACKING_URI=sqlite:///mlflow.db") from None
+        check_server_answers(uri)
     elif "://" not in uri or uri.startswith("file://"):
         check_writable(uri.removeprefix("file://"), "MLflow store")
+
+
+def check_server_answers(uri: str, timeout: float = 5.0) -> None:
+    """One line unless the server at ``uri`` answers an HTTP request (any status) within ``timeout`` seconds: a
+    refused connection, or a socket that accepts but never replies (MLflow's own client would retry for minutes)."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered, e.g. 401 or 404: the MLflow client reports what is wrong, if anything
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or use a local "
+                          "store: MLFLOW_TRACKING_URI=sqlite:///mlflow.db") from None
 
 
 def write_checkpoints_into_run(trainer: Trainer) -> None:

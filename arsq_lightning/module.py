@@ -39,6 +39,14 @@ def _adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=3e-4, fused=True)  # one kernel per step: ~2.4x faster than the default
 
 
+def build_optimizer(factory: OptimizerCallable, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """``factory(params)``; torch's own checks of the settings (e.g. "Invalid learning rate: -0.1") as one line."""
+    try:
+        return factory(params)
+    except ValueError as err:
+        raise ConfigError(f"model.optimizer: {err}") from None
+
+
 class ARSQModule(L.LightningModule):
     """ARSQ as a LightningModule.
 
@@ -72,6 +80,7 @@ class ARSQModule(L.LightningModule):
         if not isinstance(self.critic, self.loss_fn.critic_type):
             raise ConfigError(f"model.loss {type(self.loss_fn).__name__} trains a {self.loss_fn.critic_type.__name__}, "
                               f"but model.critic is a {type(self.critic).__name__}")
+        build_optimizer(optimizer, [nn.Parameter(torch.zeros(1))])  # bad settings fail now, before a run starts
         self.optimizer_factory = optimizer
         self.tau = tau
         self._eval_rows: list[Tensor] = []  # evaluated episodes of this rank, each [len(EPISODE_FIELDS)]
@@ -96,10 +105,7 @@ class ARSQModule(L.LightningModule):
         return [callback for callback in callbacks if type(callback) not in present]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        try:
-            return self.optimizer_factory(self.critic.online_parameters())
-        except ValueError as err:  # torch's own checks, e.g. "Invalid learning rate: -0.1"
-            raise ConfigError(f"model.optimizer: {err}") from None
+        return build_optimizer(self.optimizer_factory, self.critic.online_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # a resumed run goes on from the best evaluation so far (eval/normalized_score_max, the end summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -224,8 +225,11 @@ def test_bad_yaml_key_fails_with_one_line(monkeypatch, tmp_path, capsys):
     (["--model.optimizer.init_args.lr", "-0.1"], "model.optimizer: Invalid learning rate: -0.1"),
 ])
 def test_bad_budgets_and_optimiser_settings_fail_with_one_line(override, message, monkeypatch, tmp_path, capsys):
-    use_tmp_mlflow(monkeypatch, tmp_path)
+    uri = use_tmp_mlflow(monkeypatch, tmp_path)
     assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override], message, capsys)
+    client = mlflow.MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments)  # caught before the run starts: no FAILED run left behind
 
 
 @pytest.mark.parametrize("kind,message", [("missing", "no such file"), ("truncated", "not a complete checkpoint"),
@@ -244,9 +248,11 @@ def test_bad_checkpoint_paths_fail_with_one_line(kind, message, monkeypatch, tmp
     ("root_dir", "trainer.default_root_dir: cannot write to"),
     ("sqlite", "MLflow store sqlite:///"),
     ("http", "MLflow tracking server http://127.0.0.1:9 does not answer"),
+    ("silent", "does not answer (timed out)"),
 ])
 def test_unusable_output_places_fail_within_seconds_with_one_line(where, message, monkeypatch, tmp_path, capsys):
     use_tmp_mlflow(monkeypatch, tmp_path)
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the kernel's backlog), never replies
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     override = {"root_dir": ["--trainer.default_root_dir", str(blocker / "runs")]}.get(where, [])
@@ -254,8 +260,11 @@ def test_unusable_output_places_fail_within_seconds_with_one_line(where, message
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
     if where == "http":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    if where == "silent":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
     start = time.monotonic()
-    assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override], message, capsys)
+    with silent:
+        assert_fails_with_one_line(["fit", "--config", str(QUICKSTART), *TINY, *override], message, capsys)
     assert time.monotonic() - start < 60
 
 

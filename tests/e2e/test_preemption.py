@@ -66,3 +66,5 @@ def test_a_signal_stops_after_the_update_with_a_checkpoint_and_the_printed_comma
                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "final eval return" in resumed.stdout
+    folder = os.path.dirname(checkpoint if os.path.isabs(checkpoint) else tmp_path / checkpoint)
+    assert not [name for name in os.listdir(folder) if name.startswith("last-v")]  # the resume wrote last.ckpt again
