@@ -21,6 +21,9 @@ Command lines (run from the repository root):
     arsq-bench --env hopper --threads 2 --repeats 20 --warmup 3
     arsq-bench --env hopper --conservative cql
     arsq-bench --env all --device cuda    # reference update is CPU-only: shown as n/a
+    arsq-bench --solve-seeds 3            # plus time to solve Pendulum against SB3 SAC (tools/solve_race.py)
+
+The last line is ``summary:`` with ``key=value`` pairs (the README names them).
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.export import export_policy
 from arsq_lightning.module import ARSQModule
-from arsq_lightning.tools import reference  # the slow per-position implementation the tests also check against
+from arsq_lightning.tools import (
+    reference,  # the slow per-position implementation the tests also check against
+    solve_race,
+)
 
 HIDDEN = (512, 512, 512)
 CRITICS = 2
@@ -106,11 +112,14 @@ def random_batch(shape: EnvShape, device: torch.device, gen: torch.Generator) ->
 
 
 # --- the two update implementations ----------------------------------------------------------------------------------
-def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batch: TensorDict) -> Callable[[], None]:
+def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batch: TensorDict, *,
+               bf16: bool = False) -> Callable[[], None]:
     """What Lightning runs per step: the ``training_step`` loss, zero_grad, backward, optimiser step, then the
-    ``on_train_batch_end`` Polyak update."""
+    ``on_train_batch_end`` Polyak update. ``bf16``: the loss under bf16 autocast, as ``trainer.precision
+    bf16-mixed`` runs it (fp32 weights and optimiser)."""
     def step() -> None:
-        loss = total_loss(module.loss_fn(module.critic, batch))
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = total_loss(module.loss_fn(module.critic, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -233,6 +242,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
 class Setup:
     shape: EnvShape
     module: ARSQModule
+    bf16_module: ARSQModule  # an independent copy for the bf16 update, same initial weights
     ref_critic: ARSQCritic  # an independent copy (own optimiser state), same initial weights
     batch: TensorDict
     device: torch.device
@@ -242,7 +252,7 @@ def make_setup(shape: EnvShape, device: torch.device, conservative: str, seed: i
     torch.manual_seed(seed)
     module = build_module(shape, device, conservative)
     batch = random_batch(shape, device, torch.Generator().manual_seed(seed))
-    return Setup(shape, module, copy.deepcopy(module.critic), batch, device)
+    return Setup(shape, module, copy.deepcopy(module), copy.deepcopy(module.critic), batch, device)
 
 
 def sanity_check(setup: Setup) -> str:
@@ -263,7 +273,8 @@ def sanity_check(setup: Setup) -> str:
 def bench_updates(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per update (ours, reference) and per plain matmul, all interleaved in one loop; matmul FLOPs."""
     fns: dict[str, Callable[[], object]] = {
-        "ours": our_update(setup.module, setup.module.configure_optimizers(), setup.batch)}
+        "ours": our_update(setup.module, setup.module.configure_optimizers(), setup.batch),
+        "ours bf16": our_update(setup.bf16_module, setup.bf16_module.configure_optimizers(), setup.batch, bf16=True)}
     if setup.device.type == "cpu":  # reference.loss builds its intervals on the CPU
         ref_opt = torch.optim.Adam(setup.ref_critic.online_parameters(), lr=3e-4)
         fns["reference"] = reference_update(setup.ref_critic, ref_opt, setup.batch)
@@ -310,12 +321,12 @@ def fmt_ratio(ref: float | None, ours: float) -> str:
 def print_updates(name: str, shape: EnvShape, times: dict[str, float], mm_flops: dict[str, float],
                   conservative: str) -> None:
     flops = update_flops(shape)
-    ours, ref = times.pop("ours"), times.pop("reference", None)
+    ours, bf16, ref = times.pop("ours"), times.pop("ours bf16"), times.pop("reference", None)
     ref_note = " (reference has no conservative term)" if conservative != "none" else ""
     print(f"\nupdate = loss fwd + backward + Adam + Polyak, batch {BATCH}, conservative={conservative}")
     print(f"  analytic FLOPs per update: {flops / 1e9:.2f} GFLOP")
     print(f"  {'':32s} {'ms/update':>10s} {'updates/s':>10s} {'GFLOP/s':>9s}")
-    for label, sec in (("ours", ours), ("reference (per-position)", ref)):
+    for label, sec in (("ours (fp32)", ours), ("ours (bf16 autocast)", bf16), ("reference (per-position)", ref)):
         if sec is None:
             print(f"  {label:32s} {'n/a':>10s} {'n/a':>10s} {'n/a':>9s}   (reference.loss is CPU-only)")
         else:
@@ -349,7 +360,8 @@ def print_acting(name: str, results: dict[tuple[int, str], dict[str, float]]) ->
               f"~{OFFICIAL_ACT_MS['stochastic']} ms stochastic")
 
 
-def run_env(name: str, args: argparse.Namespace, device: torch.device) -> None:
+def run_env(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Benchmark one shape; returns its ``summary:`` entries."""
     shape = ENVS[name]
     print(f"\n=== {name}: obs {shape.obs_dim}, act {shape.action_dim}, L={shape.levels}, B={shape.bins} "
           f"(N={shape.positions} positions); hidden {HIDDEN} tanh, qchunk -1, {CRITICS} critics, "
@@ -357,9 +369,14 @@ def run_env(name: str, args: argparse.Namespace, device: torch.device) -> None:
     setup = make_setup(shape, device, args.conservative, args.seed)
     print(f"sanity: {sanity_check(setup)}")
     started = time.perf_counter()
-    print_updates(name, shape, *bench_updates(setup, args), args.conservative)
-    print_acting(name, bench_acting(setup, args))
+    times, matmul_flops = bench_updates(setup, args)
+    fp32, fastest = times["ours"], min(times["ours"], times["ours bf16"])
+    print_updates(name, shape, times, matmul_flops, args.conservative)
+    acting = bench_acting(setup, args)
+    print_acting(name, acting)
     print(f"({name} took {time.perf_counter() - started:.0f} s)")
+    return {f"update_ms_{name}": fp32 * 1e3, f"update_speedup_{name}": fp32 / fastest,
+            f"act_ms_b1_{name}": acting[1, "deterministic"]["ours"] * 1e3}
 
 
 # --- entry point -----------------------------------------------------------------------------------------------------
@@ -374,6 +391,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="conservative term of our loss (the reference update always runs without it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke check: 3 repeats, 1 warmup")
+    parser.add_argument("--solve-seeds", type=int, default=0,
+                        help="also race the quickstart against SB3 SAC to solve Pendulum on this many seeds each "
+                             "(tools/solve_race.py; needs the bench extra; several minutes per seed)")
+    parser.add_argument("--solve-max-frames", type=int, default=12000, help="frames before a racer gives up")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 3, 1
@@ -401,8 +422,13 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''} | "
           f"threads {torch.get_num_threads()} | {cpu_name()} | repeats {args.repeats}, warmup {args.warmup}")
     print("times are medians of interleaved blocks; ratio = reference time / our time (> 1: ours faster)")
+    summary: dict[str, float] = {}
     for name in ENVS if args.env == "all" else [args.env]:
-        run_env(name, args, device)
+        summary.update(run_env(name, args, device))
+    if args.solve_seeds > 0:
+        print(f"\n=== time to solve Pendulum-v1 (better than {solve_race.SOLVED:.0f}): quickstart vs SB3 SAC ===")
+        summary.update(solve_race.summary(solve_race.race(args.solve_seeds, args.solve_max_frames)))
+    print("summary: " + " ".join(f"{key}={value:.3g}" for key, value in summary.items()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Time to solve Pendulum-v1: the quickstart (ARSQ) against Stable-Baselines3 SAC with rl-zoo's settings.
+
+Both learners run in their own process with one torch thread, one after the other (the order alternates from seed to
+seed, so the machine's load drifts onto both alike). Both are evaluated every 500 env frames on the same 10
+deterministic episodes (episode ``k`` resets with seed ``10000 + k``); a learner has solved the task at the first
+evaluation whose mean return is better than -200. Reported per learner: the env frames then, and the CPU seconds of
+its process from the start of training to then, evaluations excluded.
+
+SAC (rl-zoo ``sac.yml``, Pendulum-v1): learning rate 1e-3 and SB3's defaults otherwise (batch 256, 100 random frames
+before learning, one update per frame, 2 x 256 networks, automatic entropy tuning). Ours: ``configs/quickstart.yaml``
+as shipped, evaluated every 500 updates (one update per frame after its random warm-up), MLflow and checkpoints on.
+
+    pip install 'arsq-lightning[bench]'     # stable-baselines3
+    arsq-bench --solve-seeds 3              # this race plus the update / acting benchmarks
+    python -m arsq_lightning.tools.solve_race --seeds 3 --max-frames 12000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+
+SOLVED = -200.0
+EVAL_EVERY = 500  # env frames
+EVAL_EPISODES = 10
+EVAL_SEED = 10_000
+RESULT_PREFIX = "solve-race-result: "
+
+
+@dataclass
+class Attempt:
+    """One learner's run: ``frames`` and ``cpu_s`` at the first solving evaluation (``None`` if it never solved)."""
+    learner: str
+    seed: int
+    frames: int | None
+    cpu_s: float | None
+    evaluations: list[tuple[int, float]]  # (env frames, mean return)
+
+
+class SolveClock(L.Callback):
+    """Process CPU seconds from the start of training, evaluations excluded; stops the fit once an evaluation's mean
+    return beats ``solved`` and writes the attempt as one JSON line to stdout."""
+
+    def __init__(self, solved: float = SOLVED, seed: int = 0):
+        self.solved, self.seed = solved, seed
+        self.start = self.eval_start = self.eval_cpu = self.train_cpu = 0.0
+        self.evaluations: list[tuple[int, float]] = []
+        self.result: tuple[int, float] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.process_time()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.eval_start = time.process_time()
+        self.train_cpu = self.eval_start - self.start - self.eval_cpu  # training so far, earlier evaluations excluded
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.eval_cpu += time.process_time() - self.eval_start
+        if trainer.sanity_checking or "eval/return_mean" not in trainer.callback_metrics:
+            return
+        frames = int(trainer.datamodule.frames)
+        mean_return = float(trainer.callback_metrics["eval/return_mean"])
+        self.evaluations.append((frames, mean_return))
+        if self.result is None and mean_return > self.solved:
+            self.result = (frames, self.train_cpu)
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        frames, cpu = self.result if self.result is not None else (None, None)
+        print(RESULT_PREFIX + json.dumps(Attempt("arsq", self.seed, frames, cpu, self.evaluations).__dict__),
+              flush=True)
+
+
+def run_ours(seed: int, max_frames: int) -> None:
+    """The quickstart with an evaluation every 500 updates, stopped when solved (in this process)."""
+    from arsq_lightning.cli import main
+
+    warmup = 1000  # the quickstart's data.init_random_frames: update u comes after frame u + warm-up
+    main(["fit", "--config", "quickstart", "--seed_everything", str(seed),
+          "--trainer.max_steps", str(max_frames - warmup), "--trainer.val_check_interval", str(EVAL_EVERY),
+          "--trainer.enable_progress_bar", "false", "--data.eval_episodes", str(EVAL_EPISODES),
+          "--data.eval_seed", str(EVAL_SEED), "--trainer.callbacks+", f"{__name__}.SolveClock",
+          "--trainer.callbacks.init_args.seed", str(seed)])
+
+
+def run_sac(seed: int, max_frames: int) -> None:
+    """SB3 SAC with rl-zoo's Pendulum settings, evaluated every 500 frames, stopped when solved (in this process)."""
+    import gymnasium as gym
+    import numpy as np
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    eval_env = gym.make("Pendulum-v1")
+
+    def evaluate(model) -> float:
+        returns = []
+        for k in range(EVAL_EPISODES):
+            obs, _ = eval_env.reset(seed=EVAL_SEED + k)
+            total, done = 0.0, False
+            while not done:
+                action, _ = model.predict(obs, deterministic=True)
+                obs, reward, terminated, truncated, _ = eval_env.step(action)
+                total, done = total + float(reward), terminated or truncated
+            returns.append(total)
+        return float(np.mean(returns))
+
+    class Clock(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.start, self.eval_cpu, self.evaluations, self.result = time.process_time(), 0.0, [], None
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps % EVAL_EVERY:
+                return True
+            eval_start = time.process_time()
+            mean_return = evaluate(self.model)
+            self.evaluations.append((self.num_timesteps, mean_return))
+            if mean_return > SOLVED:
+                self.result = (self.num_timesteps, eval_start - self.start - self.eval_cpu)
+            self.eval_cpu += time.process_time() - eval_start
+            return self.result is None
+
+    model = SAC("MlpPolicy", gym.make("Pendulum-v1"), learning_rate=1e-3, seed=seed, verbose=0)
+    clock = Clock()
+    model.learn(total_timesteps=max_frames, callback=clock)
+    frames, cpu = clock.result if clock.result is not None else (None, None)
+    print(RESULT_PREFIX + json.dumps(Attempt("sac", seed, frames, cpu, clock.evaluations).__dict__), flush=True)
+
+
+def attempt(learner: str, seed: int, max_frames: int) -> Attempt:
+    """Run one learner in a fresh process (one thread, a temporary folder for its MLflow store)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
+        done = subprocess.run([sys.executable, "-m", __name__, "--child", learner, "--seed", str(seed),
+                               "--max-frames", str(max_frames)], cwd=folder, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{learner} seed {seed} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    fields = json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+    fields["evaluations"] = [tuple(e) for e in fields["evaluations"]]
+    return Attempt(**fields)
+
+
+def race(seeds: int, max_frames: int) -> list[Attempt]:
+    """Both learners on seeds ``0 .. seeds-1``, alternating which goes first."""
+    results = []
+    for seed in range(seeds):
+        for learner in (("arsq", "sac") if seed % 2 == 0 else ("sac", "arsq")):
+            results.append(attempt(learner, seed, max_frames))
+            print(describe(results[-1]), flush=True)
+    return results
+
+
+def describe(a: Attempt) -> str:
+    solved = f"solved at {a.frames} frames, {a.cpu_s:.1f} CPU s" if a.frames is not None else "not solved"
+    curve = " ".join(f"{f}:{r:.0f}" for f, r in a.evaluations)
+    return f"  {a.learner:4s} seed {a.seed}: {solved}   (frames:return {curve})"
+
+
+def summary(results: list[Attempt]) -> dict[str, float]:
+    """Medians over seeds (an unsolved attempt counts as infinitely slow) and the CPU ratio ours / SAC's."""
+    def median(learner: str, field: str) -> float:
+        values = [getattr(a, field) for a in results if a.learner == learner]
+        return statistics.median(float("inf") if v is None else v for v in values)
+
+    ours, sac = median("arsq", "cpu_s"), median("sac", "cpu_s")
+    return {"solve_cpu_vs_sac": ours / sac, "solve_cpu_s_ours": ours, "solve_cpu_s_sac": sac,
+            "solve_frames_ours": median("arsq", "frames"), "solve_frames_sac": median("sac", "frames")}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per learner (default 3)")
+    parser.add_argument("--max-frames", type=int, default=12000, help="give up after this many env frames")
+    parser.add_argument("--child", choices=["arsq", "sac"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        import torch
+
+        torch.set_num_threads(1)
+        (run_ours if args.child == "arsq" else run_sac)(args.seed, args.max_frames)
+        return
+    results = race(args.seeds, args.max_frames)
+    print("summary: " + " ".join(f"{k}={v:.3g}" for k, v in summary(results).items()))
+
+
+if __name__ == "__main__":
+    main()
