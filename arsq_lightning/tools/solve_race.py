@@ -35,6 +35,7 @@ EVAL_EVERY = 500  # env frames
 EVAL_EPISODES = 10
 EVAL_SEED = 10_000
 RESULT_PREFIX = "solve-race-result: "
+MODULE = "arsq_lightning.tools.solve_race"  # not __name__, which is "__main__" under python -m
 
 
 @dataclass
@@ -89,7 +90,7 @@ def run_ours(seed: int, max_frames: int) -> None:
     main(["fit", "--config", "quickstart", "--seed_everything", str(seed),
           "--trainer.max_steps", str(max_frames - warmup), "--trainer.val_check_interval", str(EVAL_EVERY),
           "--trainer.enable_progress_bar", "false", "--data.eval_episodes", str(EVAL_EPISODES),
-          "--data.eval_seed", str(EVAL_SEED), "--trainer.callbacks+", f"{__name__}.SolveClock",
+          "--data.eval_seed", str(EVAL_SEED), "--trainer.callbacks+", f"{MODULE}.SolveClock",
           "--trainer.callbacks.init_args.seed", str(seed)])
 
 
@@ -142,7 +143,7 @@ def attempt(learner: str, seed: int, max_frames: int) -> Attempt:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as folder:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
-        done = subprocess.run([sys.executable, "-m", __name__, "--child", learner, "--seed", str(seed),
+        done = subprocess.run([sys.executable, "-m", MODULE, "--child", learner, "--seed", str(seed),
                                "--max-frames", str(max_frames)], cwd=folder, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
