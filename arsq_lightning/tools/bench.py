@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.solve_seeds > 0:
         print(f"\n=== time to solve Pendulum-v1 (better than {solve_race.SOLVED:.0f}): quickstart vs SB3 SAC ===")
         summary.update(solve_race.summary(solve_race.race(args.solve_seeds, args.solve_max_frames)))
-    print("summary: " + " ".join(f"{key}={value:.3g}" for key, value in summary.items()))
+    print(solve_race.format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -48,50 +48,84 @@ class Attempt:
     evaluations: list[tuple[int, float]]  # (env frames, mean return)
 
 
-class SolveClock(L.Callback):
-    """Process CPU seconds from the start of training, evaluations excluded; stops the fit once an evaluation's mean
-    return beats ``solved`` and writes the attempt as one JSON line to stdout."""
+class Stopwatch:
+    """One learner's attempt as it runs: process CPU seconds from :meth:`restart`, evaluations excluded, every
+    evaluation's mean return, and the first that beats ``solved``."""
 
-    def __init__(self, solved: float = SOLVED, seed: int = 0):
-        self.solved, self.seed = solved, seed
-        self.start = self.eval_start = self.eval_cpu = self.train_cpu = 0.0
-        self.evaluations: list[tuple[int, float]] = []
-        self.result: tuple[int, float] | None = None
+    def __init__(self, solved: float = SOLVED):
+        self.solved = solved
+        self.eval_start = self.eval_cpu = self.train_cpu = 0.0
+        self.start = time.process_time()
+        self.evaluations: list[tuple[int, float]] = []  # (env frames, mean return)
+        self.result: tuple[int, float] | None = None  # (env frames, training CPU seconds) at the first solve
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def restart(self) -> None:
         self.start = time.process_time()
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def evaluation_starts(self) -> None:
         self.eval_start = time.process_time()
         self.train_cpu = self.eval_start - self.start - self.eval_cpu  # training so far, earlier evaluations excluded
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def evaluation_ends(self, frames: int | None = None, mean_return: float | None = None) -> bool:
+        """Record the evaluation (none for ``frames`` None); true once the task is solved."""
         self.eval_cpu += time.process_time() - self.eval_start
+        if frames is not None:
+            self.evaluations.append((frames, mean_return))
+            if self.result is None and mean_return > self.solved:
+                self.result = (frames, self.train_cpu)
+        return self.result is not None
+
+    def report(self, learner: str, seed: int) -> None:
+        """The attempt as one JSON line on stdout, which :func:`attempt` reads back."""
+        frames, cpu = self.result if self.result is not None else (None, None)
+        print(RESULT_PREFIX + json.dumps(Attempt(learner, seed, frames, cpu, self.evaluations).__dict__), flush=True)
+
+
+class SolveClock(L.Callback):
+    """A :class:`Stopwatch` on a fit: it stops the fit once an evaluation's mean return beats ``solved`` and reports
+    the attempt when the fit ends."""
+
+    def __init__(self, solved: float = SOLVED, seed: int = 0):
+        self.watch, self.seed = Stopwatch(solved), seed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.watch.restart()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.watch.evaluation_starts()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "eval/return_mean" not in trainer.callback_metrics:
+            self.watch.evaluation_ends()
             return
-        frames = int(trainer.datamodule.frames)
         mean_return = float(trainer.callback_metrics["eval/return_mean"])
-        self.evaluations.append((frames, mean_return))
-        if self.result is None and mean_return > self.solved:
-            self.result = (frames, self.train_cpu)
+        if self.watch.evaluation_ends(int(trainer.datamodule.frames), mean_return):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        frames, cpu = self.result if self.result is not None else (None, None)
-        print(RESULT_PREFIX + json.dumps(Attempt("arsq", self.seed, frames, cpu, self.evaluations).__dict__),
-              flush=True)
+        self.watch.report("arsq", self.seed)
 
 
 def run_ours(seed: int, max_frames: int) -> None:
     """The quickstart with an evaluation every 500 updates, stopped when solved (in this process)."""
     from arsq_lightning.cli import main
 
-    warmup = 1000  # the quickstart's data.init_random_frames: update u comes after frame u + warm-up
+    warmup = quickstart_warmup()  # update u comes after frame u + warm-up
     main(["fit", "--config", "quickstart", "--seed_everything", str(seed),
           "--trainer.max_steps", str(max_frames - warmup), "--trainer.val_check_interval", str(EVAL_EVERY),
           "--trainer.enable_progress_bar", "false", "--data.eval_episodes", str(EVAL_EPISODES),
           "--data.eval_seed", str(EVAL_SEED), "--trainer.callbacks+", f"{MODULE}.SolveClock",
           "--trainer.callbacks.init_args.seed", str(seed)])
+
+
+def quickstart_warmup() -> int:
+    """The shipped quickstart's random warm-up frames (``data.init_args.init_random_frames``)."""
+    import yaml
+
+    from arsq_lightning.shipped_configs import resolve_config
+
+    with open(resolve_config("quickstart")) as file:
+        return int(yaml.safe_load(file)["data"]["init_args"]["init_random_frames"])
 
 
 def run_sac(seed: int, max_frames: int) -> None:
@@ -118,24 +152,18 @@ def run_sac(seed: int, max_frames: int) -> None:
     class Clock(BaseCallback):
         def __init__(self):
             super().__init__()
-            self.start, self.eval_cpu, self.evaluations, self.result = time.process_time(), 0.0, [], None
+            self.watch = Stopwatch()
 
-        def _on_step(self) -> bool:
+        def _on_step(self) -> bool:  # false stops learning
             if self.num_timesteps % EVAL_EVERY:
                 return True
-            eval_start = time.process_time()
-            mean_return = evaluate(self.model)
-            self.evaluations.append((self.num_timesteps, mean_return))
-            if mean_return > SOLVED:
-                self.result = (self.num_timesteps, eval_start - self.start - self.eval_cpu)
-            self.eval_cpu += time.process_time() - eval_start
-            return self.result is None
+            self.watch.evaluation_starts()
+            return not self.watch.evaluation_ends(self.num_timesteps, evaluate(self.model))
 
     model = SAC("MlpPolicy", gym.make("Pendulum-v1"), learning_rate=1e-3, seed=seed, verbose=0)
     clock = Clock()
     model.learn(total_timesteps=max_frames, callback=clock)
-    frames, cpu = clock.result if clock.result is not None else (None, None)
-    print(RESULT_PREFIX + json.dumps(Attempt("sac", seed, frames, cpu, clock.evaluations).__dict__), flush=True)
+    clock.watch.report("sac", seed)
 
 
 def attempt(learner: str, seed: int, max_frames: int) -> Attempt:
@@ -180,6 +208,11 @@ def summary(results: list[Attempt]) -> dict[str, float]:
             "solve_frames_ours": median("arsq", "frames"), "solve_frames_sac": median("sac", "frames")}
 
 
+def format_summary(numbers: dict[str, float]) -> str:
+    """The ``summary:`` line of ``key=value`` pairs that ends ``arsq-bench`` and this race."""
+    return "summary: " + " ".join(f"{key}={value:.3g}" for key, value in numbers.items())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per learner (default 3)")
@@ -198,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (run_ours if args.child == "arsq" else run_sac)(args.seed, args.max_frames)
         return
     results = race(args.seeds, args.max_frames)
-    print("summary: " + " ".join(f"{k}={v:.3g}" for k, v in summary(results).items()))
+    print(format_summary(summary(results)))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ the dataset's other rows; the demo buffer):
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from tensordict import TensorDict
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.cqn.critic import at_bins
+from arsq_lightning.data import buffer_files
 from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, NEXT_REWARD, NEXT_TERMINATED, OBSERVATION
 from arsq_lightning.module import ARSQModule
 
@@ -36,8 +36,8 @@ def buffers(path: str) -> dict[str, TensorDict]:
     state = next(v for v in saved.values() if isinstance(v, dict) and ("buffers" in v or "buffer_folder" in v))
     if "buffers" in state:  # checkpoints written before the buffers moved beside them
         return {name: TensorDict(b["data"], batch_size=[b["length"]]) for name, b in state["buffers"].items()}
-    folder = os.path.join(os.path.dirname(path), state["buffer_folder"], "rank-0")
-    return {name: TensorDict.load_memmap(os.path.join(folder, name)) for name in ("replay", "demo")}
+    folder = buffer_files.rank_folder(path, state["buffer_folder"], 0)
+    return {name: buffer_files.read_rows(folder, name) for name in ("replay", "demo")}
 
 
 @torch.no_grad()

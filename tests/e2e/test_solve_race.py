@@ -18,9 +18,10 @@ def test_the_clock_stops_at_the_first_evaluation_that_solves(monkeypatch, tmp_pa
                      "--trainer.callbacks.init_args.solved=-1e9"])  # any return solves
     (clock,) = [c for c in cli.trainer.callbacks if isinstance(c, SolveClock)]
     assert cli.trainer.global_step == 15  # the first evaluation (after update 15) solved: no update after it
-    frames, cpu = clock.result
-    assert frames == cli.datamodule.frames and len(clock.evaluations) == 1
-    assert 0 < cpu == clock.eval_start - clock.start and clock.eval_cpu > 0  # counted up to the evaluation only
+    watch = clock.watch
+    frames, cpu = watch.result
+    assert frames == cli.datamodule.frames and len(watch.evaluations) == 1
+    assert 0 < cpu == watch.eval_start - watch.start and watch.eval_cpu > 0  # counted up to the evaluation only
     assert '"frames": %d' % frames in capsys.readouterr().out  # the attempt, as the race reads it
 
 
@@ -30,9 +31,9 @@ def test_an_attempt_that_never_solves_reports_every_evaluation_and_no_result(mon
                      "--trainer.callbacks+", "arsq_lightning.tools.solve_race.SolveClock",
                      "--trainer.callbacks.init_args.solved=1e9"])
     (clock,) = [c for c in cli.trainer.callbacks if isinstance(c, SolveClock)]
-    assert cli.trainer.global_step == 45 and clock.result is None
-    assert [frames for frames, _ in clock.evaluations] == sorted({f for f, _ in clock.evaluations})
-    assert len(clock.evaluations) == 3
+    assert cli.trainer.global_step == 45 and clock.watch.result is None
+    assert [frames for frames, _ in clock.watch.evaluations] == sorted({f for f, _ in clock.watch.evaluations})
+    assert len(clock.watch.evaluations) == 3
 
 
 def test_summary_ratio_counts_an_unsolved_attempt_as_slowest():
