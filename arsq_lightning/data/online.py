@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from arsq_lightning.data import buffer_files
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
+from arsq_lightning.envs.episodes import EpisodeRecord, EpisodeSeeds, replay_episode
 from arsq_lightning.errors import require
 from arsq_lightning.keys import (
     ACTION,
@@ -133,6 +135,10 @@ class OnlineDataModule(L.LightningDataModule):
         self.rank_seed = self.base_seed
         self.buffer: TensorDictReplayBuffer | None = None
         self._collector: Collector | None = None
+        self._episode_seeds: EpisodeSeeds | None = None  # the training env's per-episode seeding
+        self._episode_actions: list[torch.Tensor] = []  # the actions of the training episode under way
+        self._pending_episode: EpisodeRecord | None = None  # a checkpoint's unfinished episode, replayed on resume
+        self._stopped_episode: EpisodeRecord | None = None  # the episode under way when fit ended (final checkpoint)
         self._eval_env = None
         self._pending_buffer_state: dict | Path | None = None  # restored once the buffers exist
         self._acting_generator = torch.Generator()  # exploration noise of the collecting policy (seeded in setup)
@@ -140,7 +146,8 @@ class OnlineDataModule(L.LightningDataModule):
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.rank_seed = self.base_seed + 1000 * self._rank()
-        self._acting_generator.manual_seed(self.rank_seed)  # Lightning restores a checkpoint's state after setup
+        if stage == "fit":  # not when a fit's final evaluation sets up again: the final checkpoint keeps the state
+            self._acting_generator.manual_seed(self.rank_seed)  # Lightning restores a checkpoint's state after setup
         if self.trainer is not None and self.trainer.world_size > 1:
             torch.manual_seed(self.rank_seed)  # the collector's random warm-up actions come from the global RNG
 
@@ -157,11 +164,18 @@ class OnlineDataModule(L.LightningDataModule):
         if self._collector is None and self.needs_collector():
             critic = self.trainer.lightning_module.critic
             actor = make_actor(critic, self._acting_generator)
-            self._collector = Collector(self.make_env(self.collection_seed()), actor,
+            seed = self.collection_seed()
+            env = self.make_env(seed)
+            self._episode_seeds = EpisodeSeeds(seed)
+            env.append_transform(self._episode_seeds)
+            self._collector = Collector(env, actor,
                                         frames_per_batch=self.hparams.frames_per_batch, total_frames=-1,
                                         init_random_frames=max(0, self.hparams.init_random_frames - self.frames),
                                         exploration_type=ExplorationType.RANDOM, track_traj_ids=False,
                                         auto_register_policy_transforms=False)
+            if self._pending_episode is not None:
+                self._continue_episode(env, self._pending_episode)
+                self._pending_episode = None
             self._collector_iter = iter(self._collector)
         return DataLoader(UpdateTickets(), batch_size=None, collate_fn=_as_is, num_workers=0)
 
@@ -177,12 +191,37 @@ class OnlineDataModule(L.LightningDataModule):
         return self.sample()
 
     def collection_seed(self) -> int:
-        """The training env's seed: the rank's seed at the start; after a resume one derived from it and the frames
-        so far, so that the resumed run does not replay the episodes it began with. (The unfinished episode of a
-        checkpoint is not restored: a resumed run starts a new one, as TorchRL's collectors do.)"""
-        if self.frames == 0:
+        """The training env's seed (episode ``k`` resets with :func:`~arsq_lightning.envs.episodes.episode_seed`
+        of it and ``k``): the rank's seed, also after a resume that continues the checkpoint's episode; a rank
+        that resumes without one (a checkpoint that recorded none) derives a new seed from it and the frames so far,
+        so as not to replay the episodes it began with."""
+        if self.frames == 0 or self._pending_episode is not None:
             return self.rank_seed
         return int(np.random.SeedSequence([self.rank_seed, self.frames]).generate_state(1)[0])
+
+    def _continue_episode(self, env, record: EpisodeRecord) -> None:
+        """Put the collector back into a checkpoint's unfinished episode by replaying its actions; an env that does
+        not reproduce it (not deterministic) starts the next episode instead, with a warning."""
+        carrier = replay_episode(env, self._episode_seeds, record)
+        self._episode_actions = [record.actions]
+        if carrier is None:
+            warnings.warn(f"the training env did not reproduce its unfinished episode {record.index} from its seed "
+                          "and actions (is it deterministic?); the resumed run starts the next episode", stacklevel=2)
+            with torch.no_grad():
+                carrier = env.reset()
+            self._episode_actions = []
+        if self._collector._carrier.device is None:
+            carrier.clear_device_()
+        self._collector._carrier = carrier  # TorchRL's rollout state: the env output its next step starts from
+
+    def current_episode(self) -> EpisodeRecord | None:
+        """The training episode under way (after fit: the one it stopped in; ``None`` before collection starts)."""
+        if self._collector is None:
+            return self._stopped_episode
+        taken = self._episode_actions
+        actions = torch.cat(taken) if taken else torch.zeros(0, self.env_spec.action_dim)
+        state = self._collector._carrier.exclude("collector").to_dict()
+        return EpisodeRecord(self._episode_seeds.episodes - 1, actions, state)
 
     def needs_collector(self) -> bool:
         """Whether training interacts with the env (subclasses may train from data only)."""
@@ -190,6 +229,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self._collector is not None and stage == "fit":
+            self._stopped_episode = self.current_episode()  # the final checkpoint is written after teardown
             self._collector.shutdown()
             self._collector = None
         if self._eval_env is not None:
@@ -233,8 +273,13 @@ class OnlineDataModule(L.LightningDataModule):
         batch = next(self._collector_iter).reshape(-1)
         self.frames += batch.numel()
         done = batch[NEXT_DONE].reshape(-1)
-        if done.any():
+        ends = done.nonzero().reshape(-1)
+        if len(ends):
             self.episode_returns.extend(batch[NEXT_EPISODE_REWARD].reshape(-1)[done].tolist())
+            self._episode_actions = []
+        start = int(ends[-1]) + 1 if len(ends) else 0
+        if start < len(batch):
+            self._episode_actions.append(batch[ACTION][start:].clone())
         self.store(batch)
 
     def store(self, batch: TensorDictBase) -> None:
@@ -293,19 +338,29 @@ class OnlineDataModule(L.LightningDataModule):
         go into the checkpoint itself (Lightning writes rank 0's state only).
         """
         state = {"frames": self.frames, "updates_done": self.updates_done,
-                 "episode_returns": list(self.episode_returns), "acting_rng": self._acting_generator.get_state()}
+                 "episode_returns": list(self.episode_returns), **self._rank_state()}
         buffers = {name: b for name, b in self._buffers().items() if b is not None}
         directory = self._checkpoint_directory()
         if directory is not None and buffers:
             name = buffer_files.folder_name(self.trainer.global_step)
-            buffer_files.save(buffers, Path(directory, name, f"rank-{self._rank()}"),
-                              {"acting_rng": self._acting_generator.get_state()})
+            buffer_files.save(buffers, Path(directory, name, f"rank-{self._rank()}"), self._rank_state())
             state["buffer_folder"], state["buffer_root"] = name, os.path.abspath(directory)  # root: where written
         elif self._rank() == 0:
             embedded = {name: _buffer_state(b) for name, b in buffers.items() if len(b)}
             if embedded:
                 state["buffers"] = embedded
         return state
+
+    def _rank_state(self) -> dict:
+        """What each rank saves of its own beside its buffers: the acting RNG and the training episode under way."""
+        episode = self.current_episode()
+        return {"acting_rng": self._acting_generator.get_state(),
+                "episode": None if episode is None else episode.to_dict()}
+
+    def _restore_rank_state(self, state: dict) -> None:
+        self._acting_generator.set_state(state["acting_rng"])
+        episode = state.get("episode")  # older checkpoints recorded none
+        self._pending_episode = None if episode is None else EpisodeRecord.from_dict(episode)
 
     def _buffers(self) -> dict[str, TensorDictReplayBuffer | None]:
         """The replay buffers a checkpoint holds, by name."""
@@ -331,7 +386,7 @@ class OnlineDataModule(L.LightningDataModule):
             self._frames_origin, self._updates_origin = self.frames, self.updates_done  # a new warm-up
             return
         if "acting_rng" in state and not isinstance(saved, Path):  # a folder holds this rank's own
-            self._acting_generator.set_state(state["acting_rng"])
+            self._restore_rank_state(state)
         if self.buffer is None:
             self._pending_buffer_state = saved
         else:
@@ -352,7 +407,7 @@ class OnlineDataModule(L.LightningDataModule):
     def _restore_buffers(self, saved: dict | Path) -> None:
         if isinstance(saved, Path):
             extra = buffer_files.load({n: b for n, b in self._buffers().items() if b is not None}, saved)
-            self._acting_generator.set_state(extra["acting_rng"])
+            self._restore_rank_state(extra)
             return
         for name, buffer in self._buffers().items():
             if name in saved:

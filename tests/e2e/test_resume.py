@@ -48,6 +48,11 @@ def _eval_returns(cli) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(cli.trainer.logger.run_id, "eval/return_mean")}
 
 
+def _saved_episode(checkpoint: str) -> dict:
+    """The training episode under way that a checkpoint recorded."""
+    return torch.load(checkpoint, weights_only=False)["OfflineToOnlineDataModule"]["episode"]
+
+
 def _assert_same_state(resumed, straight) -> None:
     for name, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
@@ -76,19 +81,40 @@ def test_resume_during_pretraining_continues_bit_identically_into_the_online_pha
     assert resumed_returns == {step: straight_returns[step] for step in resumed_returns} and len(resumed_returns) >= 3
 
 
-def test_resume_online_neither_loses_nor_double_counts_data(monkeypatch, tmp_path):
-    """Mid-episode the env is not restored (a resumed run starts a new episode); every counter still follows the run
-    that never stopped: no prefetched batch is counted and none is lost."""
+def test_resume_mid_episode_continues_the_episode_bit_identically(monkeypatch, tmp_path):
+    """A stop 5 frames into an online episode (of 30), between two evaluations: the resumed run replays the
+    episode's actions from its seed and goes on as the run that never stopped, with no prefetched batch counted or
+    lost. (The stopped run evaluates its final weights before its last checkpoint: that changes nothing either.)"""
     use_tmp_mlflow(monkeypatch, tmp_path)
     config = _config(tmp_path)
     straight = _fit(config, tmp_path / "straight")
-    first = _fit(config, tmp_path / "split", "--trainer.max_steps", "30")
+    first = _fit(config, tmp_path / "split", "--trainer.max_steps", "25")
     saved = first.datamodule
-    assert (saved.updates_done, saved.frames) == (30, 30 - PRETRAIN)  # one frame per online update, none ahead
-    resumed = _fit(config, tmp_path / "split", "--ckpt_path", first.trainer.checkpoint_callback.last_model_path)
-    a, b = resumed.datamodule, straight.datamodule
-    assert (a.frames, a.updates_done, len(a.buffer)) == (b.frames, b.updates_done, len(b.buffer))
-    assert b.frames == UPDATES - PRETRAIN
+    assert (saved.updates_done, saved.frames) == (25, 25 - PRETRAIN)  # one frame per online update, none ahead
+    path = first.trainer.checkpoint_callback.last_model_path
+    assert _saved_episode(path)["actions"].shape[0] == 25 - PRETRAIN  # mid-episode: 5 of its 30 steps taken
+    resumed = _fit(config, tmp_path / "split", "--ckpt_path", path)
+    assert resumed.datamodule.frames == UPDATES - PRETRAIN
+    _assert_same_state(resumed, straight)
+    straight_returns, resumed_returns = _eval_returns(straight), _eval_returns(resumed)
+    shared = set(resumed_returns) & set(straight_returns)  # the stopped run's extra evaluation at 25 is its own
+    assert {step: resumed_returns[step] for step in shared} == {step: straight_returns[step] for step in shared}
+    assert len(shared) >= 2
+
+
+def test_an_env_that_does_not_replay_its_episode_starts_the_next_one(monkeypatch, tmp_path):
+    """If the replayed episode differs from the saved one (a non-deterministic env), the resumed run warns, starts
+    the next episode and keeps every counter in step."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    first = _fit(config, tmp_path / "split", "--trainer.max_steps", "30")
+    path = first.trainer.checkpoint_callback.last_model_path
+    index = _saved_episode(path)["index"]
+    monkeypatch.setattr("arsq_lightning.envs.episodes.episode_seed", lambda seed, episode: seed + episode + 12345)
+    with pytest.warns(UserWarning, match=f"did not reproduce its unfinished episode {index}"):
+        resumed = _fit(config, tmp_path / "split", "--trainer.max_steps", "32", "--ckpt_path", path)
+    assert (resumed.datamodule.frames, resumed.datamodule.updates_done) == (32 - PRETRAIN, 32)
+    assert _saved_episode(resumed.trainer.checkpoint_callback.last_model_path)["index"] == index + 1
 
 
 def test_a_resume_continues_its_mlflow_run_without_duplicate_points(monkeypatch, tmp_path):
