@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import logging
 import os
 import re
@@ -42,7 +43,7 @@ from arsq_lightning.checkpoint_io import AtomicCheckpointIO, check_checkpoint
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: F401 (a known `data` subclass for --help)
 from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.errors import ConfigError, Preempted, TrainingDiverged, require
-from arsq_lightning.module import ARSQModule
+from arsq_lightning.module import ARSQModule, build_optimizer
 from arsq_lightning.shipped_configs import describe_configs, resolve_config_args
 from arsq_lightning.tracking import RunInCheckpoint, run_params, run_tags, save_learning_curve
 
@@ -125,6 +126,7 @@ class ArsqCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         torch.set_num_threads(max(1, config.num_threads))
         check_budget(config.trainer.max_steps, config.trainer.val_check_interval)
+        check_optimizer(config.model.optimizer)
         warn_slow_bf16(str(config.trainer.precision), str(config.trainer.accelerator))
         if config.data.init_args.get("seed") is None:  # one seed drives everything unless data.seed is given
             config.data.init_args.seed = int(config.seed_everything) if config.seed_everything is not False else 0
@@ -285,6 +287,17 @@ def check_budget(max_steps: int, val_check_interval: int | float | None) -> None
                 f"trainer.val_check_interval as a fraction must lie in (0, 1], got {val_check_interval}")
     elif val_check_interval is not None:
         require(val_check_interval >= 1, f"trainer.val_check_interval must be >= 1 update, got {val_check_interval}")
+
+
+def check_optimizer(optimizer) -> None:
+    """Build the configured optimiser (``class_path`` / ``init_args``; ``None``: the default) on a dummy parameter,
+    so that a bad setting is one line before the MLflow store is set up (seconds) rather than when the model is."""
+    if optimizer is None:
+        return
+    module, _, name = str(optimizer.class_path).rpartition(".")
+    optimizer_class = getattr(importlib.import_module(module), name)
+    settings = optimizer.init_args.as_dict() if optimizer.get("init_args") is not None else {}
+    build_optimizer(lambda params: optimizer_class(params, **settings), [torch.nn.Parameter(torch.zeros(1))])
 
 
 def cpu_has_native_bf16() -> bool:
