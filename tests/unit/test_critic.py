@@ -339,3 +339,47 @@ def test_act_alpha_defaults_to_soft_alpha():
     critic = ARSQCritic(FlattenEncoder(OBS_DIM), disc, AutoregressiveHead(OBS_DIM, 1, 2, 3, hidden_dims=(8,)),
                         soft_alpha=0.3)
     assert critic.act_alpha == 0.3
+
+
+# --- mean-normalised advantages (advantages="mean") --------------------------------------------------------------
+
+def _mean_critic(num_critics: int, act_network: str = "online") -> ARSQCritic:
+    critic = make_critic(2, 2, 3, num_critics=num_critics, soft_alpha=0.3, act_network=act_network)
+    critic.advantages = "mean"
+    jitter_(critic.target_head)  # target weights differ from the online ones
+    return critic
+
+
+def test_mean_advantages_average_zero_over_bins_and_add_up_to_q():
+    critic = _mean_critic(2)
+    obs, action = torch.randn(9, OBS_DIM), random_actions(critic, 9)
+    q, adv, codes = critic.evaluate(obs, action)
+    torch.testing.assert_close(adv.mean(-1), torch.zeros_like(adv[..., 0]), atol=1e-6, rtol=0)
+    at_data = adv.gather(-1, codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)).squeeze(-1)
+    torch.testing.assert_close(q, critic.head.value(obs) + at_data.sum(-1), atol=1e-6, rtol=1e-6)
+    soft = make_critic(2, 2, 3, soft_alpha=0.3, jitter=False)
+    soft.load_state_dict(critic.state_dict())
+    assert not torch.allclose(soft.evaluate(obs, action)[0], q)  # the normalisation changes Q
+
+
+def test_mean_target_value_is_the_target_q_at_the_target_networks_greedy_action():
+    """With one critic every normalisation has the same argmax, so the greedy action of a soft critic holding the
+    target weights is the one the mean target must bootstrap from; its value is no soft value."""
+    critic = _mean_critic(1)
+    obs = torch.randn(11, OBS_DIM)
+    acting = make_critic(2, 2, 3, num_critics=1, soft_alpha=0.3, jitter=False)
+    acting.load_state_dict(critic.state_dict())
+    acting.head.load_state_dict(critic.target_head.state_dict())
+    greedy = acting.act(obs, deterministic=True)
+    expected = critic.evaluate(obs, greedy, target=True)[0].min(0).values
+    torch.testing.assert_close(critic.target_value(obs), expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(critic.target_value(obs), critic.target_head.value(obs).min(0).values)
+
+
+def test_mean_greedy_action_maximises_the_min_over_twins_of_mean_advantages():
+    critic = _mean_critic(2, act_network="target")
+    obs = torch.randn(16, OBS_DIM)
+    codes = critic.discretizer.encode(critic.act(obs, deterministic=True))
+    logits = critic.target_head.advantage_logits(obs, critic.discretizer.conditioning(codes))  # teacher forced
+    scores = (logits - logits.mean(-1, keepdim=True)).min(0).values  # [B, N, K]
+    assert torch.equal(scores.argmax(-1), codes.flatten(-2))

@@ -36,6 +36,13 @@ def soft_advantages(logits: Tensor, alpha: float) -> Tensor:
     return alpha * torch.log_softmax(logits / alpha, dim=-1)
 
 
+def mean_advantages(logits: Tensor) -> Tensor:
+    """Normalise logits over the bin axis by their mean over the bins that exist (``-inf`` marks a missing one)."""
+    present = torch.isfinite(logits)
+    mean = torch.where(present, logits, 0.0).sum(-1, keepdim=True) / present.sum(-1, keepdim=True)
+    return logits - mean
+
+
 class ARSQCritic(Critic):
     """Twin auto-regressive soft-Q critic with target networks.
 
@@ -51,21 +58,28 @@ class ARSQCritic(Critic):
         exploration_std: when exploring (``deterministic=False``), ``0`` (official) samples every position from
             ``softmax(A / act_alpha)``; ``> 0`` takes the greedy action plus Gaussian noise of this std in the unit
             box, snapped back to the grid (CQN's exploration).
+        advantages: ``soft`` (official, §3.1): ``A = z - soft_alpha * logsumexp(z / soft_alpha)``, so ``V(s)`` is the
+            soft value and the TD target is ``V̄(s')``. ``mean``: ``A = z - mean(z)`` (the dueling networks' mean
+            normalisation, as CQN's head); ``V(s)`` is then no maximum, and the TD target is the target networks' Q
+            at their own greedy action. With a small ``soft_alpha`` the soft normaliser pins the greedy bin's
+            advantage at 0, so a TD error on a greedy action moves ``V(s)`` only; the mean lets it move the bin.
     """
 
     def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *, soft_alpha: float = 0.01,
                  act_alpha: float | None = None, act_network: Literal["online", "target"] = "online",
-                 compile_act: bool = False, exploration_std: float = 0.0):
+                 compile_act: bool = False, exploration_std: float = 0.0,
+                 advantages: Literal["soft", "mean"] = "soft"):
         act_alpha = soft_alpha if act_alpha is None else act_alpha
         require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
         require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
         require(exploration_std >= 0, f"exploration_std must be >= 0, got {exploration_std}")
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
+        require(advantages in ("soft", "mean"), f"advantages must be 'soft' or 'mean', got {advantages!r}")
         require(hasattr(head, "advantage_logits"), "the ARSQ critic needs an auto-regressive head such as "
                 f"AutoregressiveHead, got {type(head).__name__}: set model.critic to arsq_lightning.CQNCritic for CQN")
         super().__init__(encoder, discretizer, head)
         self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
-        self.compile_act, self.exploration_std = compile_act, exploration_std
+        self.compile_act, self.exploration_std, self.advantages = compile_act, exploration_std, advantages
 
     def default_loss(self):
         """ARSQ's loss with its defaults (:class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`: TD only)."""
@@ -92,7 +106,7 @@ class ARSQCritic(Critic):
         logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order))
         if not self.discretizer.uniform_grid:  # dims with fewer bins or levels: their extra bins do not exist
             logits = logits.masked_fill(~self.discretizer.bin_mask, float("-inf"))
-        adv = soft_advantages(logits, self.soft_alpha)
+        adv = soft_advantages(logits, self.soft_alpha) if self.advantages == "soft" else mean_advantages(logits)
         flat_codes = codes.flatten(-2)  # position i = l * D + d
         index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
         q = head.value(features) + adv.gather(-1, index).squeeze(-1).sum(-1)
@@ -100,8 +114,13 @@ class ARSQCritic(Critic):
 
     @torch.no_grad()
     def target_value(self, obs: Tensor) -> Tensor:
-        """``min_k V̄_k(s)`` with the online encoder and the target head: ``[B, ...] -> [B]``."""
-        return self.target_head.value(self.encoder(obs)).min(0).values
+        """``min_k V̄_k(s)`` with the online encoder and the target head: ``[B, ...] -> [B]``; with ``mean``
+        advantages ``min_k Q̄_k(s, ā)``, ``ā`` the target networks' greedy action."""
+        features = self.encoder(obs)
+        if self.advantages == "soft":
+            return self.target_head.value(features).min(0).values
+        greedy = self._decode_features(self.target_head, features, None)
+        return self._evaluate_features(features, greedy, self.target_head)[0].min(0).values
 
     @torch.no_grad()
     def double_q_value(self, obs: Tensor) -> Tensor:
@@ -152,7 +171,10 @@ class ARSQCritic(Critic):
                         logits = logits.masked_fill(~disc.bin_mask[position], float("-inf"))
                     # min_k of the act_alpha-normalised advantages, over act_alpha: the argmax is the greedy bin,
                     # and the argmax after adding Gumbel noise is a sample of softmax(scores).
-                    scores = torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)  # [B, K]
+                    if self.advantages == "soft":
+                        scores = torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)  # [B, K]
+                    else:
+                        scores = (mean_advantages(logits) / self.act_alpha).amin(0)
                     choices.append((scores if noise is None else scores + noise[position]).argmax(-1))
                 for dim, choice in zip(group, choices):
                     prefix[:, dim] = prefix[:, dim] * disc.bins_table[lvl, dim] + choice
