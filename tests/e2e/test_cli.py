@@ -363,3 +363,13 @@ def test_the_trainer_options_left_out_of_the_parser_are_fixed(monkeypatch, tmp_p
     assert trainer.num_sanity_val_steps == TRAINER_FIXED["num_sanity_val_steps"] == 0
     assert trainer.check_val_every_n_epoch is None and trainer.accumulate_grad_batches == 1
     assert trainer.val_check_interval == 15 and trainer.max_steps == 30
+
+
+def test_checkpoint_every_n_updates_is_written_between_evaluations(monkeypatch, tmp_path):
+    """``--checkpoint.every_n_train_steps 4`` with evaluations every 15 updates: the newest step checkpoint is the
+    one of update 28 (the last multiple of 4 of 30), written although no evaluation came after update 15."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    cli = build_cli(["fit", "--config", str(QUICKSTART), *TINY, "--checkpoint.every_n_train_steps", "4"])
+    folder = Path(cli.trainer.checkpoint_callback.dirpath)
+    steps = sorted(torch.load(path, weights_only=False)["global_step"] for path in folder.glob("epoch=*.ckpt"))
+    assert steps[-1] == 28
