@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
@@ -290,9 +291,10 @@ def check_budget(max_steps: int, val_check_interval: int | float | None) -> None
 
 
 def check_optimizer(optimizer) -> None:
-    """Build the configured optimiser (``class_path`` / ``init_args``; ``None``: the default) on a dummy parameter,
-    so that a bad setting is one line before the MLflow store is set up (seconds) rather than when the model is."""
-    if optimizer is None:
+    """Build the configured optimiser (``class_path`` / ``init_args``) on a dummy parameter, so that a bad setting is
+    one line before the MLflow store is set up (seconds) rather than when the model is. The default optimiser (a
+    function, not a ``class_path``) needs no check."""
+    if not isinstance(optimizer, Namespace) or "class_path" not in optimizer:
         return
     module, _, name = str(optimizer.class_path).rpartition(".")
     optimizer_class = getattr(importlib.import_module(module), name)
