@@ -337,13 +337,14 @@ class OnlineDataModule(L.LightningDataModule):
         (:mod:`~arsq_lightning.data.buffer_files`) and the checkpoint names the folder; without one, rank 0's buffers
         go into the checkpoint itself (Lightning writes rank 0's state only).
         """
+        rank_state = self._rank_state()
         state = {"frames": self.frames, "updates_done": self.updates_done,
-                 "episode_returns": list(self.episode_returns), **self._rank_state()}
+                 "episode_returns": list(self.episode_returns), **rank_state}
         buffers = {name: b for name, b in self._buffers().items() if b is not None}
         directory = self._checkpoint_directory()
         if directory is not None and buffers:
             name = buffer_files.folder_name(self.trainer.global_step)
-            buffer_files.save(buffers, Path(directory, name, f"rank-{self._rank()}"), self._rank_state())
+            buffer_files.save(buffers, Path(directory, name, f"rank-{self._rank()}"), rank_state)
             state["buffer_folder"], state["buffer_root"] = name, os.path.abspath(directory)  # root: where written
         elif self._rank() == 0:
             embedded = {name: _buffer_state(b) for name, b in buffers.items() if len(b)}
