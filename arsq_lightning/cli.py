@@ -72,6 +72,9 @@ class MLflowSaveConfig(SaveConfigCallback):
                 logger.log_hyperparams(run_params(config))
 
 
+# Model options that say how to run the model, not what it is: a resume may change them.
+RUNTIME_MODEL_OPTIONS = ("compile_update",)
+
 # Trainer options that an RL run counted in updates fixes (epochs, batch limits, sanity checks, gradient
 # accumulation) or that do not apply to it; they are left out of the parser (and of --help) and set here.
 TRAINER_FIXED = {"max_epochs": None, "min_epochs": None, "min_steps": None, "check_val_every_n_epoch": None,
@@ -168,13 +171,17 @@ class ArsqCLI(LightningCLI):
                 saved = check_checkpoint(path, needs_buffers=self.config.subcommand == "fit")
                 self._check_model_matches(path, saved.get("hyper_parameters", {}))
                 self.checkpoint_run = saved.get("mlflow_run")
+        model = self.config[self.config.subcommand]["model"] if self.config.get("subcommand") else None
+        runtime = {key: model.get(key) for key in RUNTIME_MODEL_OPTIONS} if model is not None else {}
         super()._parse_ckpt_path()
+        for key, value in runtime.items():  # how to run the model, not what it is: the command line's setting stands
+            self.config[self.config.subcommand]["model"][key] = value
 
     def _check_model_matches(self, path: str, saved: dict) -> None:
         """Lightning replaces the model settings with the checkpoint's (``saved``) on resume; stop instead of
         silently ignoring the ones that differ (trainer and data settings, e.g. the budget, may change)."""
         given = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[self.config.subcommand]["model"]
-        ignored = {"_instantiator", "env_spec", "_class_path"}
+        ignored = {"_instantiator", "env_spec", "_class_path", *RUNTIME_MODEL_OPTIONS}
         ours = _flatten({k: v for k, v in given.items() if k not in ignored})
         theirs = _flatten(yaml.safe_load(yaml.safe_dump(
             {k: v for k, v in saved.items() if k not in ignored}, default_flow_style=False)))

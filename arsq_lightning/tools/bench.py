@@ -5,6 +5,7 @@ Network sizes are the paper's D4RL ones (docs/algorithm.md §3.2): ``Autoregress
 
 - hopper:      obs 11, act 3, L=2, B=7  (N=6 positions)
 - halfcheetah: obs 17, act 6, L=1, B=41 (N=6 positions)
+- humanoid:    obs 348, act 17, L=3, B=5 (N=51 positions; a humanoid-like shape, about 10x hopper's update)
 
 One *update* = loss forward (``ARSQLoss``, no conservative term unless ``--conservative cql``) + backward + Adam step +
 Polyak update of the target head, on a random TensorDict batch in TorchRL layout. *Acting* = ``ARSQCritic.act`` on a
@@ -46,10 +47,11 @@ from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.algos.base import total_loss
+from arsq_lightning.cli import cpu_has_native_bf16
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.export import export_policy
-from arsq_lightning.module import ARSQModule
+from arsq_lightning.module import ARSQModule, compiled_loss_terms
 from arsq_lightning.tools import (
     reference,  # the slow per-position implementation the tests also check against
     solve_race,
@@ -83,7 +85,8 @@ class EnvShape:
         return self.levels * self.action_dim
 
 
-ENVS = {"hopper": EnvShape(11, 3, levels=2, bins=7), "halfcheetah": EnvShape(17, 6, levels=1, bins=41)}
+ENVS = {"hopper": EnvShape(11, 3, levels=2, bins=7), "halfcheetah": EnvShape(17, 6, levels=1, bins=41),
+        "humanoid": EnvShape(348, 17, levels=3, bins=5)}
 
 
 # --- construction ----------------------------------------------------------------------------------------------------
@@ -113,13 +116,17 @@ def random_batch(shape: EnvShape, device: torch.device, gen: torch.Generator) ->
 
 # --- the two update implementations ----------------------------------------------------------------------------------
 def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batch: TensorDict, *,
-               bf16: bool = False) -> Callable[[], None]:
+               bf16: bool = False, compiled: bool = False) -> Callable[[], None]:
     """What Lightning runs per step: the ``training_step`` loss, zero_grad, backward, optimiser step, then the
     ``on_train_batch_end`` Polyak update. ``bf16``: the loss under bf16 autocast, as ``trainer.precision
-    bf16-mixed`` runs it (fp32 weights and optimiser)."""
+    bf16-mixed`` runs it (fp32 weights and optimiser); ``compiled``: the loss and its backward through
+    ``torch.compile``, as ``model.compile_update`` runs them."""
     def step() -> None:
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = total_loss(module.loss_fn(module.critic, batch))
+            if compiled:
+                loss = compiled_loss_terms()(module.loss_fn, module.critic, batch)["loss"]
+            else:
+                loss = total_loss(module.loss_fn(module.critic, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -243,6 +250,7 @@ class Setup:
     shape: EnvShape
     module: ARSQModule
     bf16_module: ARSQModule  # an independent copy for the bf16 update, same initial weights
+    compiled_module: ARSQModule  # an independent copy for the compiled update, same initial weights
     ref_critic: ARSQCritic  # an independent copy (own optimiser state), same initial weights
     batch: TensorDict
     device: torch.device
@@ -252,7 +260,8 @@ def make_setup(shape: EnvShape, device: torch.device, conservative: str, seed: i
     torch.manual_seed(seed)
     module = build_module(shape, device, conservative)
     batch = random_batch(shape, device, torch.Generator().manual_seed(seed))
-    return Setup(shape, module, copy.deepcopy(module), copy.deepcopy(module.critic), batch, device)
+    return Setup(shape, module, copy.deepcopy(module), copy.deepcopy(module), copy.deepcopy(module.critic), batch,
+                 device)
 
 
 def sanity_check(setup: Setup) -> str:
@@ -274,7 +283,14 @@ def bench_updates(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, flo
     """Seconds per update (ours, reference) and per plain matmul, all interleaved in one loop; matmul FLOPs."""
     fns: dict[str, Callable[[], object]] = {
         "ours": our_update(setup.module, setup.module.configure_optimizers(), setup.batch),
-        "ours bf16": our_update(setup.bf16_module, setup.bf16_module.configure_optimizers(), setup.batch, bf16=True)}
+        "ours compiled": our_update(setup.compiled_module, setup.compiled_module.configure_optimizers(), setup.batch,
+                                    compiled=True)}
+    if setup.device.type != "cpu" or cpu_has_native_bf16():  # emulated bf16 is many times slower: not timed
+        fns["ours bf16"] = our_update(setup.bf16_module, setup.bf16_module.configure_optimizers(), setup.batch,
+                                      bf16=True)
+    started = time.perf_counter()
+    fns["ours compiled"]()  # compile outside the timed blocks
+    print(f"  (compiled update: first call {time.perf_counter() - started:.1f} s)")
     if setup.device.type == "cpu":  # reference.loss builds its intervals on the CPU
         ref_opt = torch.optim.Adam(setup.ref_critic.online_parameters(), lr=3e-4)
         fns["reference"] = reference_update(setup.ref_critic, ref_opt, setup.batch)
@@ -321,14 +337,17 @@ def fmt_ratio(ref: float | None, ours: float) -> str:
 def print_updates(name: str, shape: EnvShape, times: dict[str, float], mm_flops: dict[str, float],
                   conservative: str) -> None:
     flops = update_flops(shape)
-    ours, bf16, ref = times.pop("ours"), times.pop("ours bf16"), times.pop("reference", None)
+    ours, compiled = times.pop("ours"), times.pop("ours compiled")
+    bf16, ref = times.pop("ours bf16", None), times.pop("reference", None)
     ref_note = " (reference has no conservative term)" if conservative != "none" else ""
     print(f"\nupdate = loss fwd + backward + Adam + Polyak, batch {BATCH}, conservative={conservative}")
     print(f"  analytic FLOPs per update: {flops / 1e9:.2f} GFLOP")
     print(f"  {'':32s} {'ms/update':>10s} {'updates/s':>10s} {'GFLOP/s':>9s}")
-    for label, sec in (("ours (fp32)", ours), ("ours (bf16 autocast)", bf16), ("reference (per-position)", ref)):
+    for label, sec in (("ours (fp32)", ours), ("ours (bf16 autocast)", bf16), ("ours (compiled, fp32)", compiled),
+                       ("reference (per-position)", ref)):
         if sec is None:
-            print(f"  {label:32s} {'n/a':>10s} {'n/a':>10s} {'n/a':>9s}   (reference.loss is CPU-only)")
+            why = "reference.loss is CPU-only" if label.startswith("reference") else "this CPU emulates bf16"
+            print(f"  {label:32s} {'n/a':>10s} {'n/a':>10s} {'n/a':>9s}   ({why})")
         else:
             print(f"  {label:32s} {sec * 1e3:10.1f} {1 / sec:10.2f} {flops / sec / 1e9:9.1f}")
     print(f"  {'ratio reference / ours':32s} {fmt_ratio(ref, ours):>10s}{ref_note}")
@@ -370,7 +389,8 @@ def run_env(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     print(f"sanity: {sanity_check(setup)}")
     started = time.perf_counter()
     times, matmul_flops = bench_updates(setup, args)
-    fp32, fastest = times["ours"], min(times["ours"], times["ours bf16"])
+    fp32 = times["ours"]
+    fastest = min(time for name, time in times.items() if name.startswith("ours"))
     print_updates(name, shape, times, matmul_flops, args.conservative)
     acting = bench_acting(setup, args)
     print_acting(name, acting)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from arsq_lightning import ARSQCritic, AutoregressiveHead, CoarseToFineDiscretizer, FlattenEncoder
@@ -37,3 +38,77 @@ def test_compiled_critic_copies_and_pickles_with_its_own_weights():
     assert not torch.equal(clone.act(obs, deterministic=True), critic.act(obs, deterministic=True))
     restored = pickle.loads(pickle.dumps(critic))
     assert torch.equal(restored.act(obs, deterministic=True), critic.act(obs, deterministic=True))
+
+
+def _module(critic: str, loss):
+    """A small ARSQ or CQN module (obs 4, actions 2) with its loss; fixed initial weights."""
+    from functools import partial
+
+    from arsq_lightning import ARSQModule, CQNCritic, CQNHead
+    from arsq_lightning.envs.core import EnvSpec
+
+    torch.manual_seed(0)
+    spec = EnvSpec(4, [-1.0, -2.0], [1.0, 2.0])
+    disc = partial(CoarseToFineDiscretizer, levels=2, bins=3)
+    if critic == "cqn":
+        return ARSQModule(spec, discretizer=disc, head=partial(CQNHead, hidden_dims=(32, 32)), critic=CQNCritic,
+                          loss=loss)
+    return ARSQModule(spec, discretizer=disc, head=partial(AutoregressiveHead, hidden_dims=(32, 32), out_gain=1.0),
+                      critic=partial(ARSQCritic, soft_alpha=0.1, advantages=critic), loss=loss)
+
+
+def _batch(size: int = 24):
+    from tensordict import TensorDict
+
+    g = torch.Generator().manual_seed(1)
+    return TensorDict({"observation": torch.randn(size, 4, generator=g),
+                       "action": torch.rand(size, 2, generator=g) * 2 - 1,
+                       "demo": torch.rand(size, generator=g) < 0.5,
+                       "next": {"observation": torch.randn(size, 4, generator=g),
+                                "reward": torch.randn(size, 1, generator=g),
+                                "terminated": torch.rand(size, 1, generator=g) < 0.2}}, batch_size=[size])
+
+
+@pytest.mark.parametrize("critic", ["soft", "mean", "cqn"])
+def test_compiled_update_matches_eager(critic):
+    """``compile_update``: the loss and its backward compile into graphs without a break (``fullgraph=True``, so no
+    host sync either) and give the eager update's loss terms and gradients."""
+    from arsq_lightning import ARSQLoss, CQNLoss
+    from arsq_lightning.module import compiled_loss_terms, loss_terms
+
+    loss = CQNLoss(fosd_weight=0.1, margin_weight=0.1) if critic == "cqn" else ARSQLoss(conservative="cql",
+                                                                                       conservative_weight=0.5)
+    module, batch = _module(critic, loss), _batch()
+    grads = []
+    for fn in (loss_terms, compiled_loss_terms()):
+        module.zero_grad(set_to_none=True)
+        out = fn(module.loss_fn, module.critic, batch)
+        out["loss"].backward()
+        grads.append([p.grad.clone() for p in module.critic.online_parameters()])
+        if fn is loss_terms:
+            eager = out
+    assert set(out) == set(eager) and len(out) > 2
+    for name in eager:
+        torch.testing.assert_close(out[name], eager[name], rtol=1e-5, atol=1e-6)
+    for compiled, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_update_trains_through_the_cli_and_may_change_on_resume(monkeypatch, tmp_path):
+    """``--model.compile_update true`` runs every update through the compiled loss; it says how to run the model,
+    not what it is, so a resume may switch it on (other model settings must match, tests/e2e/test_cli.py)."""
+    from arsq_lightning import module
+    from arsq_lightning.cli import build_cli
+
+    from helpers import QUICKSTART, TINY, use_tmp_mlflow
+
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    calls = []
+    compiled = module.compiled_loss_terms()
+    monkeypatch.setattr(module, "compiled_loss_terms", lambda: lambda *args: calls.append(1) or compiled(*args))
+    args = ["fit", "--config", str(QUICKSTART), *TINY, "--trainer.val_check_interval", "10"]
+    first = build_cli([*args, "--trainer.max_steps", "10"])
+    assert not first.model.compile_update and not calls
+    resumed = build_cli([*args, "--trainer.max_steps", "20", "--model.compile_update", "true",
+                         "--ckpt_path", first.trainer.checkpoint_callback.last_model_path])
+    assert resumed.model.compile_update and resumed.trainer.global_step == 20 and len(calls) == 10

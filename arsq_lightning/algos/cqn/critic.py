@@ -91,8 +91,9 @@ class CQNCritic(Critic):
             spread = best.amax(-1) - q.masked_fill(~valid[lvl], float("inf")).amin(-1)
             choice = best.argmax(-1)
             tied = spread < self.tie_tolerance
-            # a uniformly random valid bin; an exported policy (torch.export, no data-dependent branch) keeps argmax
-            if not torch.compiler.is_exporting() and bool(tied.any()):
+            # a uniformly random valid bin; an exported policy (torch.export, no data-dependent branch) keeps argmax;
+            # compiled code (compile_update) draws without asking first, which would be a host sync
+            if not torch.compiler.is_exporting() and (torch.compiler.is_compiling() or bool(tied.any())):
                 uniform = torch.rand(choice.shape, device=q.device, generator=generator)
                 choice = torch.where(tied, (uniform * disc.bins_table[lvl]).long(), choice)
             codes.append(choice)
