@@ -79,7 +79,7 @@ class ARSQModule(L.LightningModule):
         optimizer: ``params -> optimizer`` (default Adam, lr 3e-4 as official D4RL, fused).
         tau: Polyak rate of the target networks.
         compile_update: run the loss and its backward through ``torch.compile`` (one graph each, no host sync
-            inside; faster per update on tanh networks, tens of seconds of compilation at the first update).
+            inside; tens of seconds of compilation at the first update; measured speed in docs/usage.md).
     """
 
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,

@@ -1,11 +1,13 @@
 """Benchmark ARSQ gradient updates and action selection against the per-position reference (tools/reference.py).
 
 Network sizes are the paper's D4RL ones (docs/algorithm.md §3.2): ``AutoregressiveHead`` with hidden dims
-(512, 512, 512), tanh, ``qchunk=-1``, 2 critics; ``soft_alpha=0.01``; batch 512; Adam lr 3e-4; Polyak tau 0.005.
+(512, 512, 512), tanh, ``qchunk=-1``, 2 critics; ``soft_alpha=0.01``; batch 512; Adam lr 3e-4; Polyak tau 0.005
+(the pendulum shape: the quickstart's 2x256 nets and batch 256).
 
 - hopper:      obs 11, act 3, L=2, B=7  (N=6 positions)
 - halfcheetah: obs 17, act 6, L=1, B=41 (N=6 positions)
 - humanoid:    obs 348, act 17, L=3, B=5 (N=51 positions; a humanoid-like shape, about 10x hopper's update)
+- pendulum:    obs 3, act 1, L=3, B=5 (N=3 positions; configs/quickstart.yaml)
 
 One *update* = loss forward (``ARSQLoss``, no conservative term unless ``--conservative cql``) + backward + Adam step +
 Polyak update of the target head, on a random TensorDict batch in TorchRL layout. *Acting* = ``ARSQCritic.act`` on a
@@ -79,6 +81,8 @@ class EnvShape:
     action_dim: int
     levels: int
     bins: int
+    hidden: tuple[int, ...] = HIDDEN
+    batch: int = BATCH
 
     @property
     def positions(self) -> int:
@@ -86,7 +90,8 @@ class EnvShape:
 
 
 ENVS = {"hopper": EnvShape(11, 3, levels=2, bins=7), "halfcheetah": EnvShape(17, 6, levels=1, bins=41),
-        "humanoid": EnvShape(348, 17, levels=3, bins=5)}
+        "humanoid": EnvShape(348, 17, levels=3, bins=5),
+        "pendulum": EnvShape(3, 1, levels=3, bins=5, hidden=(256, 256), batch=256)}  # the quickstart's sizes
 
 
 # --- construction ----------------------------------------------------------------------------------------------------
@@ -95,7 +100,7 @@ def build_module(shape: EnvShape, device: torch.device, conservative: str) -> AR
     spec = EnvSpec(shape.obs_dim, [-1.0] * shape.action_dim, [1.0] * shape.action_dim)
     loss = ARSQLoss(gamma=GAMMA, conservative=conservative, conservative_weight=0.0 if conservative == "none" else 1.0)
     module = ARSQModule(spec, discretizer=partial(CoarseToFineDiscretizer, levels=shape.levels, bins=shape.bins),
-                        head=partial(AutoregressiveHead, hidden_dims=HIDDEN, activation="tanh", qchunk=-1,
+                        head=partial(AutoregressiveHead, hidden_dims=shape.hidden, activation="tanh", qchunk=-1,
                                      num_critics=CRITICS),
                         critic=partial(ARSQCritic, soft_alpha=SOFT_ALPHA), loss=loss, tau=TAU)
     return module.to(device)
@@ -106,12 +111,13 @@ def random_batch(shape: EnvShape, device: torch.device, gen: torch.Generator) ->
     def rand(*size: int) -> Tensor:
         return torch.randn(*size, generator=gen)
 
-    data = {"observation": rand(BATCH, shape.obs_dim),
-            "action": torch.rand(BATCH, shape.action_dim, generator=gen) * 2 - 1,
-            "next": {"observation": rand(BATCH, shape.obs_dim), "reward": rand(BATCH, 1),
-                     "terminated": torch.rand(BATCH, 1, generator=gen) < 0.05},
-            "demo": torch.rand(BATCH, generator=gen) < 0.5}
-    return TensorDict(data, batch_size=[BATCH]).to(device)
+    size = shape.batch
+    data = {"observation": rand(size, shape.obs_dim),
+            "action": torch.rand(size, shape.action_dim, generator=gen) * 2 - 1,
+            "next": {"observation": rand(size, shape.obs_dim), "reward": rand(size, 1),
+                     "terminated": torch.rand(size, 1, generator=gen) < 0.05},
+            "demo": torch.rand(size, generator=gen) < 0.5}
+    return TensorDict(data, batch_size=[size]).to(device)
 
 
 # --- the two update implementations ----------------------------------------------------------------------------------
@@ -197,15 +203,16 @@ def update_flops(shape: EnvShape) -> float:
     implementations do). Backward of the trained nets (value on ``s``, advantages) counts 2x their forward (a slight
     overcount: the first layer needs no input gradient). Both implementations do exactly these matmuls.
     """
-    value = CRITICS * BATCH * mlp_macs([shape.obs_dim, *HIDDEN, 1])
-    advantage = CRITICS * BATCH * shape.positions * mlp_macs([shape.obs_dim + shape.action_dim, *HIDDEN, shape.bins])
+    value = CRITICS * shape.batch * mlp_macs([shape.obs_dim, *shape.hidden, 1])
+    advantage = CRITICS * shape.batch * shape.positions * mlp_macs([shape.obs_dim + shape.action_dim, *shape.hidden,
+                                                                     shape.bins])
     return 2.0 * (3 * (value + advantage) + value)
 
 
 def matmul_benchmarks(shape: EnvShape, device: torch.device) -> dict[str, tuple[Callable[[], None], float]]:
     """Plain fp32 matmuls (name -> (call, FLOPs)): a square 512 mm and the update's hidden-layer bmm shape."""
-    h = HIDDEN[0]
-    rows = BATCH * shape.positions
+    h = shape.hidden[0]
+    rows = shape.batch * shape.positions
     a, b, c = (torch.randn(h, h, device=device) for _ in range(3))
     x, w = torch.randn(CRITICS, rows, h, device=device), torch.randn(CRITICS, h, h, device=device)
     y = torch.empty(CRITICS, rows, h, device=device)
@@ -340,7 +347,7 @@ def print_updates(name: str, shape: EnvShape, times: dict[str, float], mm_flops:
     ours, compiled = times.pop("ours"), times.pop("ours compiled")
     bf16, ref = times.pop("ours bf16", None), times.pop("reference", None)
     ref_note = " (reference has no conservative term)" if conservative != "none" else ""
-    print(f"\nupdate = loss fwd + backward + Adam + Polyak, batch {BATCH}, conservative={conservative}")
+    print(f"\nupdate = loss fwd + backward + Adam + Polyak, batch {shape.batch}, conservative={conservative}")
     print(f"  analytic FLOPs per update: {flops / 1e9:.2f} GFLOP")
     print(f"  {'':32s} {'ms/update':>10s} {'updates/s':>10s} {'GFLOP/s':>9s}")
     for label, sec in (("ours (fp32)", ours), ("ours (bf16 autocast)", bf16), ("ours (compiled, fp32)", compiled),
@@ -383,7 +390,7 @@ def run_env(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     """Benchmark one shape; returns its ``summary:`` entries."""
     shape = ENVS[name]
     print(f"\n=== {name}: obs {shape.obs_dim}, act {shape.action_dim}, L={shape.levels}, B={shape.bins} "
-          f"(N={shape.positions} positions); hidden {HIDDEN} tanh, qchunk -1, {CRITICS} critics, "
+          f"(N={shape.positions} positions); hidden {shape.hidden} tanh, qchunk -1, {CRITICS} critics, "
           f"soft_alpha {SOFT_ALPHA} ===")
     setup = make_setup(shape, device, args.conservative, args.seed)
     print(f"sanity: {sanity_check(setup)}")
