@@ -90,8 +90,13 @@ class DivergenceGuard(Callback):
         self._batch = batch
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        for name, param in pl_module.named_parameters():
-            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+        grads = {name: param.grad for name, param in pl_module.named_parameters() if param.grad is not None}
+        # One host sync per update: a NaN or infinite gradient makes the total 2-norm non-finite (foreach norms: about
+        # 10x faster on a CPU than isfinite per parameter). Huge finite gradients may overflow it; then look closer.
+        if bool(torch.isfinite(torch.nn.utils.get_total_norm(list(grads.values())))):
+            return
+        for name, grad in grads.items():
+            if not bool(torch.isfinite(grad).all()):
                 raise TrainingDiverged(f"non-finite gradient of {name} at update {trainer.global_step}")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

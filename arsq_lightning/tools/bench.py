@@ -2,12 +2,12 @@
 
 Network sizes are the paper's D4RL ones (docs/algorithm.md §3.2): ``AutoregressiveHead`` with hidden dims
 (512, 512, 512), tanh, ``qchunk=-1``, 2 critics; ``soft_alpha=0.01``; batch 512; Adam lr 3e-4; Polyak tau 0.005
-(the pendulum shape: the quickstart's 2x256 nets and batch 256).
+(except the pendulum shape below).
 
 - hopper:      obs 11, act 3, L=2, B=7  (N=6 positions)
 - halfcheetah: obs 17, act 6, L=1, B=41 (N=6 positions)
 - humanoid:    obs 348, act 17, L=3, B=5 (N=51 positions; a humanoid-like shape, about 10x hopper's update)
-- pendulum:    obs 3, act 1, L=3, B=5 (N=3 positions; configs/quickstart.yaml)
+- pendulum:    obs 3, act 1, L=3, B=5 (N=3 positions; configs/quickstart.yaml: 2x256 ReLU nets, batch 256)
 
 One *update* = loss forward (``ARSQLoss``, no conservative term unless ``--conservative cql``) + backward + Adam step +
 Polyak update of the target head, on a random TensorDict batch in TorchRL layout. *Acting* = ``ARSQCritic.act`` on a
@@ -83,6 +83,7 @@ class EnvShape:
     bins: int
     hidden: tuple[int, ...] = HIDDEN
     batch: int = BATCH
+    activation: str = "tanh"
 
     @property
     def positions(self) -> int:
@@ -91,7 +92,7 @@ class EnvShape:
 
 ENVS = {"hopper": EnvShape(11, 3, levels=2, bins=7), "halfcheetah": EnvShape(17, 6, levels=1, bins=41),
         "humanoid": EnvShape(348, 17, levels=3, bins=5),
-        "pendulum": EnvShape(3, 1, levels=3, bins=5, hidden=(256, 256), batch=256)}  # the quickstart's sizes
+        "pendulum": EnvShape(3, 1, levels=3, bins=5, hidden=(256, 256), batch=256, activation="relu")}  # quickstart
 
 
 # --- construction ----------------------------------------------------------------------------------------------------
@@ -100,8 +101,8 @@ def build_module(shape: EnvShape, device: torch.device, conservative: str) -> AR
     spec = EnvSpec(shape.obs_dim, [-1.0] * shape.action_dim, [1.0] * shape.action_dim)
     loss = ARSQLoss(gamma=GAMMA, conservative=conservative, conservative_weight=0.0 if conservative == "none" else 1.0)
     module = ARSQModule(spec, discretizer=partial(CoarseToFineDiscretizer, levels=shape.levels, bins=shape.bins),
-                        head=partial(AutoregressiveHead, hidden_dims=shape.hidden, activation="tanh", qchunk=-1,
-                                     num_critics=CRITICS),
+                        head=partial(AutoregressiveHead, hidden_dims=shape.hidden, activation=shape.activation,
+                                     qchunk=-1, num_critics=CRITICS),
                         critic=partial(ARSQCritic, soft_alpha=SOFT_ALPHA), loss=loss, tau=TAU)
     return module.to(device)
 
@@ -390,7 +391,7 @@ def run_env(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     """Benchmark one shape; returns its ``summary:`` entries."""
     shape = ENVS[name]
     print(f"\n=== {name}: obs {shape.obs_dim}, act {shape.action_dim}, L={shape.levels}, B={shape.bins} "
-          f"(N={shape.positions} positions); hidden {shape.hidden} tanh, qchunk -1, {CRITICS} critics, "
+          f"(N={shape.positions} positions); hidden {shape.hidden} {shape.activation}, qchunk -1, {CRITICS} critics, "
           f"soft_alpha {SOFT_ALPHA} ===")
     setup = make_setup(shape, device, args.conservative, args.seed)
     print(f"sanity: {sanity_check(setup)}")

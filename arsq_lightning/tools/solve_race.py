@@ -119,13 +119,16 @@ def run_ours(seed: int, max_frames: int) -> None:
 
 
 def quickstart_warmup() -> int:
-    """The shipped quickstart's random warm-up frames (``data.init_args.init_random_frames``)."""
+    """The env frames before the shipped quickstart's first update: its ``learning_starts`` (by default the larger of
+    ``init_random_frames`` and ``batch_size``), rounded up to whole collector batches (``frames_per_batch``)."""
     import yaml
 
     from arsq_lightning.shipped_configs import resolve_config
 
     with open(resolve_config("quickstart")) as file:
-        return int(yaml.safe_load(file)["data"]["init_args"]["init_random_frames"])
+        data = yaml.safe_load(file)["data"]["init_args"]
+    starts = data.get("learning_starts") or max(data["init_random_frames"], data["batch_size"])
+    return -(-starts // data["frames_per_batch"]) * data["frames_per_batch"]
 
 
 def run_sac(seed: int, max_frames: int) -> None:

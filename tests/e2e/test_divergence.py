@@ -33,14 +33,26 @@ def test_a_diverging_fit_stops_with_one_line_a_failed_run_and_the_batch_saved(mo
     assert all(torch.isfinite(torch.tensor(m.value)) for m in losses)  # nothing non-finite was logged
 
 
-def test_a_non_finite_gradient_is_named():
+def _module_with_grads(weight: list[float], bias: float) -> ARSQModule:
     module = ARSQModule.__new__(ARSQModule)
     torch.nn.Module.__init__(module)
     module.layer = torch.nn.Linear(2, 1)
-    module.layer.weight.grad = torch.tensor([[0.0, float("nan")]])
+    module.layer.weight.grad, module.layer.bias.grad = torch.tensor([weight]), torch.tensor([bias])
+    return module
 
-    class _Trainer:
-        global_step = 7
 
+class _Trainer:
+    global_step = 7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_gradient_is_named(bad):
     with pytest.raises(TrainingDiverged, match="non-finite gradient of layer.weight at update 7"):
-        DivergenceGuard().on_before_optimizer_step(_Trainer(), module, None)
+        DivergenceGuard().on_before_optimizer_step(_Trainer(), _module_with_grads([0.0, bad], 1.0), None)
+
+
+def test_huge_finite_gradients_are_not_divergence():
+    """Their total norm overflows float32 (the guard's fast check); every gradient is still finite."""
+    module = _module_with_grads([3e38, -3e38], 3e38)
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([module.layer.weight.grad, module.layer.bias.grad]))
+    DivergenceGuard().on_before_optimizer_step(_Trainer(), module, None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from arsq_lightning.cli import build_cli
-from arsq_lightning.tools.solve_race import SOLVED, Attempt, SolveClock, attempt, summary
+from arsq_lightning.tools.solve_race import SOLVED, Attempt, SolveClock, attempt, quickstart_warmup, summary
 
 from helpers import QUICKSTART, TINY, use_tmp_mlflow
 
@@ -47,6 +47,7 @@ def test_summary_ratio_counts_an_unsolved_attempt_as_slowest():
 
 def test_an_attempt_runs_in_its_own_process_and_is_read_back(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    result = attempt("arsq", 0, 1501)  # the quickstart to 1,501 frames: one evaluation, at 1,500
-    assert result.learner == "arsq" and [frames for frames, _ in result.evaluations] == [1500]
+    warmup = quickstart_warmup()
+    result = attempt("arsq", 0, warmup + 501)  # the quickstart to 501 updates: one evaluation, after update 500
+    assert result.learner == "arsq" and [frames for frames, _ in result.evaluations] == [warmup + 500]
     assert (result.frames is None) == (result.evaluations[0][1] <= SOLVED)
