@@ -83,6 +83,12 @@ class UpdateTickets(IterableDataset):
             yield PendingBatch()
 
 
+def first_update_frames(init_random_frames: int, batch_size: int, learning_starts: int | None = None) -> int:
+    """Frames in the buffer before the first update: ``learning_starts``, by default the larger of the random
+    warm-up and one batch."""
+    return max(init_random_frames, batch_size) if learning_starts is None else learning_starts
+
+
 class OnlineDataModule(L.LightningDataModule):
     """Env, collector, replay buffer and evaluation episodes for online training on a gymnasium task.
 
@@ -125,7 +131,7 @@ class OnlineDataModule(L.LightningDataModule):
         if max_episode_steps is not None:
             self.env_kwargs["max_episode_steps"] = max_episode_steps
         self.env_spec: EnvSpec = env_spec_of(env_id, **self.env_kwargs)
-        self.learning_starts = max(init_random_frames, batch_size) if learning_starts is None else learning_starts
+        self.learning_starts = first_update_frames(init_random_frames, batch_size, learning_starts)
         require(self.learning_starts >= 1, f"data.learning_starts must be >= 1, got {self.learning_starts}")
         self.frames, self.updates_done = 0, 0
         # Where this rank's own collection started: non-zero after a resume on ranks other than 0 (see load_state_dict).

@@ -53,7 +53,7 @@ from arsq_lightning.cli import cpu_has_native_bf16
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.export import export_policy
-from arsq_lightning.module import ARSQModule, compiled_loss_terms
+from arsq_lightning.module import ARSQModule, compiled_loss_terms, loss_terms
 from arsq_lightning.tools import (
     reference,  # the slow per-position implementation the tests also check against
     solve_race,
@@ -130,10 +130,7 @@ def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batch: Tens
     ``torch.compile``, as ``model.compile_update`` runs them."""
     def step() -> None:
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-            if compiled:
-                loss = compiled_loss_terms()(module.loss_fn, module.critic, batch)["loss"]
-            else:
-                loss = total_loss(module.loss_fn(module.critic, batch))
+            loss = (compiled_loss_terms() if compiled else loss_terms)(module.loss_fn, module.critic, batch)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -398,7 +395,7 @@ def run_env(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     started = time.perf_counter()
     times, matmul_flops = bench_updates(setup, args)
     fp32 = times["ours"]
-    fastest = min(time for name, time in times.items() if name.startswith("ours"))
+    fastest = min(seconds for variant, seconds in times.items() if variant.startswith("ours"))
     print_updates(name, shape, times, matmul_flops, args.conservative)
     acting = bench_acting(setup, args)
     print_acting(name, acting)

@@ -123,11 +123,12 @@ def quickstart_warmup() -> int:
     ``init_random_frames`` and ``batch_size``), rounded up to whole collector batches (``frames_per_batch``)."""
     import yaml
 
+    from arsq_lightning.data.online import first_update_frames
     from arsq_lightning.shipped_configs import resolve_config
 
     with open(resolve_config("quickstart")) as file:
         data = yaml.safe_load(file)["data"]["init_args"]
-    starts = data.get("learning_starts") or max(data["init_random_frames"], data["batch_size"])
+    starts = first_update_frames(data["init_random_frames"], data["batch_size"], data.get("learning_starts"))
     return -(-starts // data["frames_per_batch"]) * data["frames_per_batch"]
 
 
