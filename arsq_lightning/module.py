@@ -152,12 +152,12 @@ class ARSQModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.critic.polyak(self.tau)
 
-    # --- evaluation: the loaders yield evaluated episodes, one row [len(EPISODE_FIELDS)] per item ---------------
-    def validation_step(self, row: Tensor, batch_idx: int) -> None:
-        self._eval_rows.append(row)
+    # --- evaluation: the loaders yield evaluated episodes, rows [n, len(EPISODE_FIELDS)] per item ---------------
+    def validation_step(self, rows: Tensor, batch_idx: int) -> None:
+        self._eval_rows.extend(rows.reshape(-1, len(EPISODE_FIELDS)).unbind(0))
 
-    def test_step(self, row: Tensor, batch_idx: int) -> None:
-        self.validation_step(row, batch_idx)
+    def test_step(self, rows: Tensor, batch_idx: int) -> None:
+        self.validation_step(rows, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("eval")

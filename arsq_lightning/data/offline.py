@@ -71,12 +71,13 @@ class OfflineToOnlineDataModule(OnlineDataModule):
                  demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,
                  trajectories_per_round: int = 0, relabel: bool = False, demo_buffer_factor: float = 2.0,
                  seed: int | None = None, max_episode_steps: int | None = None, env_kwargs: dict | None = None,
-                 frames_per_batch: int = 1, init_random_frames: int = 0, learning_starts: int | None = 1,
+                 frames_per_batch: int | None = None, num_envs: int = 1, init_random_frames: int = 0,
+                 learning_starts: int | None = 1,
                  utd_ratio: float = 1.0, batch_size: int = 512, buffer_size: int = 1_000_000,
                  eval_episodes: int = 10, eval_seed: int = 1_000_000, eval_max_steps: int = 100_000,
                  video_every: int = 5, video_size: int = 240):
         super().__init__(env_id, seed=seed, max_episode_steps=max_episode_steps, env_kwargs=env_kwargs,
-                         frames_per_batch=frames_per_batch, init_random_frames=init_random_frames,
+                         frames_per_batch=frames_per_batch, num_envs=num_envs, init_random_frames=init_random_frames,
                          learning_starts=learning_starts, utd_ratio=utd_ratio, batch_size=batch_size,
                          buffer_size=buffer_size, eval_episodes=eval_episodes, eval_seed=eval_seed,
                          eval_max_steps=eval_max_steps, video_every=video_every, video_size=video_size)
@@ -98,7 +99,8 @@ class OfflineToOnlineDataModule(OnlineDataModule):
                                             reward_bias=reward_bias, drop_timeouts=drop_timeouts)
         self.demo_buffer = None
         self._round_frames = 0  # online frames whose updates are due (all frames unless trajectories_per_round > 0)
-        self._open_episode: list[TensorDictBase] = []  # rows of the online episode in progress (for relabelling)
+        # per training env: rows of its online episode in progress (for relabelling)
+        self._open_episodes: list[list[TensorDictBase]] = [[] for _ in range(num_envs)]
         self._episodes_in_round = 0
         self.relabelled_episodes = 0
 
@@ -176,18 +178,21 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         return int(self._round_frames * self.hparams.utd_ratio) - online_updates
 
     def store(self, batch: TensorDictBase) -> None:
-        """Scale rewards, flag ``demo = False``, add to the RL buffer; close rounds and relabel finished episodes."""
+        """Scale rewards of ``[num_envs, steps]`` transitions, flag ``demo = False``, add them to the RL buffer;
+        close rounds and relabel finished episodes."""
         rows = batch.select(*TRANSITION_KEYS).clone()
         rows[NEXT_REWARD] = rows[NEXT_REWARD] * self.reward_scale + self.hparams.reward_bias
-        rows[DEMO] = torch.zeros(rows.numel(), dtype=torch.bool)
-        self.buffer.extend(rows)
-        ends = torch.nonzero(rows[NEXT_DONE].reshape(-1)).reshape(-1).tolist()
-        start = 0
-        for end in ends:
-            self._finish_episode(torch.cat([*self._open_episode, rows[start:end + 1]]))
-            self._open_episode, start = [], end + 1
-        if start < rows.numel():
-            self._open_episode.append(rows[start:])
+        rows[DEMO] = torch.zeros(rows.shape, dtype=torch.bool)
+        self.buffer.extend(rows.reshape(-1))
+        for stream, open_rows in zip(rows.unbind(0), self._open_episodes, strict=True):
+            ends = torch.nonzero(stream[NEXT_DONE].reshape(-1)).reshape(-1).tolist()
+            start = 0
+            for end in ends:
+                self._finish_episode(torch.cat([*open_rows, stream[start:end + 1]]))
+                open_rows.clear()
+                start = end + 1
+            if start < stream.numel():
+                open_rows.append(stream[start:])
         k = self.hparams.trajectories_per_round
         if k == 0 or self._episodes_in_round >= k:
             self._round_frames = self.frames  # every frame collected so far is online

@@ -5,9 +5,12 @@ module turns each ticket into its batch as the update starts (``on_before_batch_
 the number of gradient updates follows ``utd_ratio`` updates per env frame after ``learning_starts`` frames (the
 first ``init_random_frames`` are uniform random actions). Lightning looks one loader item ahead; a ticket changes
 no state, so a checkpoint holds the data of exactly the updates done (nothing collected or sampled ahead).
-Evaluation episodes are the validation / test "batches": the loader's items are episode indices (split over ranks by
-Lightning's sampler), and each one is run deterministically with the module's critic and arrives at the module as
-its result row (:data:`EPISODE_FIELDS`). :meth:`OnlineDataModule.stats` is what callbacks read for logging.
+With ``num_envs`` > 1 the collector steps a TorchRL ``SerialEnv`` of that many copies of the task, acting for all of
+them in one batched call; every frame of every copy counts towards ``utd_ratio``.
+Evaluation episodes are the validation / test "batches": the loader's items are groups of up to ``num_envs``
+episode indices (split over ranks by Lightning's sampler); each group is run deterministically with the module's
+critic, side by side, and arrives at the module as its result rows ``[n, len(EPISODE_FIELDS)]``.
+:meth:`OnlineDataModule.stats` is what callbacks read for logging.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -27,12 +31,13 @@ from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.envs import EnvBase, SerialEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from arsq_lightning.data import buffer_files
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
-from arsq_lightning.envs.episodes import EpisodeRecord, EpisodeSeeds, replay_episode
+from arsq_lightning.envs.episodes import EpisodeRecord, EpisodeSeeds, replay_episode, sub_env_seed
 from arsq_lightning.errors import require
 from arsq_lightning.keys import (
     ACTION,
@@ -98,7 +103,10 @@ class OnlineDataModule(L.LightningDataModule):
             ``None``: the CLI's ``seed_everything`` (0 outside the CLI).
         max_episode_steps: time limit (``None`` keeps gymnasium's).
         env_kwargs: extra ``gymnasium.make`` arguments.
-        frames_per_batch: env frames per collector iteration.
+        frames_per_batch: env frames per collector iteration, over all envs (a multiple of ``num_envs``; ``None``:
+            one step of every env).
+        num_envs: copies of the task stepped side by side (a TorchRL ``SerialEnv``) for training and evaluation;
+            the policy acts for all of them in one batched call. 1: a single env.
         init_random_frames: uniformly random frames before the policy acts.
         learning_starts: frames before the first update (``None``: ``max(init_random_frames, batch_size)``).
         utd_ratio: gradient updates per env frame.
@@ -113,20 +121,25 @@ class OnlineDataModule(L.LightningDataModule):
     """
 
     def __init__(self, env_id: str = "Pendulum-v1", *, seed: int | None = None, max_episode_steps: int | None = None,
-                 env_kwargs: dict | None = None, frames_per_batch: int = 1, init_random_frames: int = 1000,
-                 learning_starts: int | None = None, utd_ratio: float = 1.0, batch_size: int = 256,
+                 env_kwargs: dict | None = None, frames_per_batch: int | None = None, num_envs: int = 1,
+                 init_random_frames: int = 1000, learning_starts: int | None = None, utd_ratio: float = 1.0,
+                 batch_size: int = 256,
                  buffer_size: int = 1_000_000, eval_episodes: int = 10, eval_seed: int = 1_000_000,
                  eval_max_steps: int = 100_000, video_every: int = 5, video_size: int = 240):
         super().__init__()
-        for name, value in (("frames_per_batch", frames_per_batch), ("batch_size", batch_size),
+        frames_per_batch = num_envs if frames_per_batch is None else frames_per_batch
+        for name, value in (("num_envs", num_envs), ("frames_per_batch", frames_per_batch), ("batch_size", batch_size),
                             ("buffer_size", buffer_size), ("eval_episodes", eval_episodes)):
             require(value >= 1, f"data.{name} must be >= 1, got {value}")
+        require(frames_per_batch % num_envs == 0, f"data.frames_per_batch ({frames_per_batch}) must be a multiple of "
+                f"data.num_envs ({num_envs}): each env takes frames_per_batch / num_envs steps per collection")
         require(utd_ratio > 0, f"data.utd_ratio must be positive, got {utd_ratio}")
         require(buffer_size >= batch_size, f"data.buffer_size ({buffer_size}) must hold a batch ({batch_size})")
         require(init_random_frames >= 0, f"data.init_random_frames must be >= 0, got {init_random_frames}")
         require(video_every >= 0 and video_size >= 16,
                 f"data.video_every must be >= 0 and data.video_size >= 16, got {video_every} and {video_size}")
         self.save_hyperparameters()
+        self.frames_per_batch = frames_per_batch
         self.env_kwargs = dict(env_kwargs or {})
         if max_episode_steps is not None:
             self.env_kwargs["max_episode_steps"] = max_episode_steps
@@ -141,10 +154,10 @@ class OnlineDataModule(L.LightningDataModule):
         self.rank_seed = self.base_seed
         self.buffer: TensorDictReplayBuffer | None = None
         self._collector: Collector | None = None
-        self._episode_seeds: EpisodeSeeds | None = None  # the training env's per-episode seeding
-        self._episode_actions: list[torch.Tensor] = []  # the actions of the training episode under way
-        self._pending_episode: EpisodeRecord | None = None  # a checkpoint's unfinished episode, replayed on resume
-        self._stopped_episode: EpisodeRecord | None = None  # the episode under way when fit ended (final checkpoint)
+        self._episode_seeds: list[EpisodeSeeds] = []  # each training env's per-episode seeding
+        self._episode_actions: list[list[torch.Tensor]] = []  # per training env: the actions of its episode under way
+        self._pending_episodes: list[EpisodeRecord] | None = None  # a checkpoint's unfinished episodes, for resume
+        self._stopped_episodes: list[EpisodeRecord] | None = None  # those under way when fit ended (final checkpoint)
         self._eval_env = None
         self._pending_buffer_state: dict | Path | None = None  # restored once the buffers exist
         self._acting_generator = torch.Generator()  # exploration noise of the collecting policy (seeded in setup)
@@ -170,18 +183,16 @@ class OnlineDataModule(L.LightningDataModule):
         if self._collector is None and self.needs_collector():
             critic = self.trainer.lightning_module.critic
             actor = make_actor(critic, self._acting_generator)
-            seed = self.collection_seed()
-            env = self.make_env(seed)
-            self._episode_seeds = EpisodeSeeds(seed)
-            env.append_transform(self._episode_seeds)
+            env = self.training_env(self.collection_seed())
             self._collector = Collector(env, actor,
-                                        frames_per_batch=self.hparams.frames_per_batch, total_frames=-1,
+                                        frames_per_batch=self.frames_per_batch, total_frames=-1,
                                         init_random_frames=max(0, self.hparams.init_random_frames - self.frames),
                                         exploration_type=ExplorationType.RANDOM, track_traj_ids=False,
                                         auto_register_policy_transforms=False)
-            if self._pending_episode is not None:
-                self._continue_episode(env, self._pending_episode)
-                self._pending_episode = None
+            self._episode_actions = [[] for _ in self._episode_seeds]
+            if self._pending_episodes is not None:
+                self._continue_episodes(env, self._pending_episodes)
+                self._pending_episodes = None
             self._collector_iter = iter(self._collector)
         return DataLoader(UpdateTickets(), batch_size=None, collate_fn=_as_is, num_workers=0)
 
@@ -197,37 +208,63 @@ class OnlineDataModule(L.LightningDataModule):
         return self.sample()
 
     def collection_seed(self) -> int:
-        """The training env's seed (episode ``k`` resets with :func:`~arsq_lightning.envs.episodes.episode_seed`
-        of it and ``k``): the rank's seed, also after a resume that continues the checkpoint's episode; a rank
-        that resumes without one (a checkpoint that recorded none) derives a new seed from it and the frames so far,
-        so as not to replay the episodes it began with."""
-        if self.frames == 0 or self._pending_episode is not None:
+        """The training envs' seed (env ``i``'s episode ``k`` resets with
+        :func:`~arsq_lightning.envs.episodes.episode_seed` of :func:`~arsq_lightning.envs.episodes.sub_env_seed`
+        ``(seed, i)`` and ``k``): the rank's seed, also after a resume that continues the checkpoint's episodes; a
+        rank that resumes without them (a checkpoint that recorded none, or another ``num_envs``) derives a new seed
+        from it and the frames so far, so as not to replay the episodes it began with."""
+        if self.frames == 0 or self._pending_episodes is not None:
             return self.rank_seed
         return int(np.random.SeedSequence([self.rank_seed, self.frames]).generate_state(1)[0])
 
-    def _continue_episode(self, env, record: EpisodeRecord) -> None:
-        """Put the collector back into a checkpoint's unfinished episode by replaying its actions; an env that does
-        not reproduce it (not deterministic) starts the next episode instead, with a warning."""
-        carrier = replay_episode(env, self._episode_seeds, record)
-        self._episode_actions = [record.actions]
-        if carrier is None:
-            warnings.warn(f"the training env did not reproduce its unfinished episode {record.index} from its seed "
+    def training_env(self, seed: int) -> EnvBase:
+        """The collector's env: one env (``num_envs`` 1) or a ``SerialEnv`` of ``num_envs``; each seeds its episodes
+        from ``sub_env_seed(seed, i)`` through its own :class:`EpisodeSeeds` (kept in ``_episode_seeds``)."""
+        def one_env(i: int) -> EnvBase:
+            env = self.make_env(sub_env_seed(seed, i))
+            env.append_transform(EpisodeSeeds(sub_env_seed(seed, i)))
+            return env
+
+        if self.hparams.num_envs == 1:
+            env = one_env(0)
+        else:
+            env = SerialEnv(self.hparams.num_envs, [partial(one_env, i) for i in range(self.hparams.num_envs)])
+            env.start()
+        self._episode_seeds = [sub.transform[-1] for sub in _sub_envs(env)]
+        return env
+
+    def _continue_episodes(self, env: EnvBase, records: list[EpisodeRecord]) -> None:
+        """Put the collector back into a checkpoint's unfinished episodes (one per env) by replaying their actions;
+        if an env does not reproduce its episode (not deterministic), every env starts its next episode instead,
+        with a warning."""
+        carriers = [replay_episode(sub, seeds, record)
+                    for sub, seeds, record in zip(_sub_envs(env), self._episode_seeds, records, strict=True)]
+        self._episode_actions = [[record.actions] for record in records]
+        if any(carrier is None for carrier in carriers):
+            index = next(record.index for record, carrier in zip(records, carriers) if carrier is None)
+            warnings.warn(f"the training env did not reproduce its unfinished episode {index} from its seed "
                           "and actions (is it deterministic?); the resumed run starts the next episode", stacklevel=2)
             with torch.no_grad():
                 carrier = env.reset()
-            self._episode_actions = []
+            self._episode_actions = [[] for _ in records]
+        else:
+            carrier = carriers[0] if self.hparams.num_envs == 1 else torch.stack(carriers)
         if self._collector._carrier.device is None:
             carrier.clear_device_()
         self._collector._carrier = carrier  # TorchRL's rollout state: the env output its next step starts from
 
-    def current_episode(self) -> EpisodeRecord | None:
-        """The training episode under way (after fit: the one it stopped in; ``None`` before collection starts)."""
+    def current_episodes(self) -> list[EpisodeRecord] | None:
+        """The training episode under way in each env (after fit: those it stopped in; ``None`` before collection
+        starts)."""
         if self._collector is None:
-            return self._stopped_episode
-        taken = self._episode_actions
-        actions = torch.cat(taken) if taken else torch.zeros(0, self.env_spec.action_dim)
-        state = self._collector._carrier.exclude("collector").to_dict()
-        return EpisodeRecord(self._episode_seeds.episodes - 1, actions, state)
+            return self._stopped_episodes
+        carrier = self._collector._carrier.exclude("collector")  # [num_envs], or [] for one env
+        states = carrier.unbind(0) if self.hparams.num_envs > 1 else [carrier]
+        records = []
+        for seeds, taken, state in zip(self._episode_seeds, self._episode_actions, states, strict=True):
+            actions = torch.cat(taken) if taken else torch.zeros(0, self.env_spec.action_dim)
+            records.append(EpisodeRecord(seeds.episodes - 1, actions, state.to_dict()))
+        return records
 
     def needs_collector(self) -> bool:
         """Whether training interacts with the env (subclasses may train from data only)."""
@@ -235,7 +272,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self._collector is not None and stage == "fit":
-            self._stopped_episode = self.current_episode()  # the final checkpoint is written after teardown
+            self._stopped_episodes = self.current_episodes()  # the final checkpoint is written after teardown
             self._collector.shutdown()
             self._collector = None
         if self._eval_env is not None:
@@ -275,22 +312,24 @@ class OnlineDataModule(L.LightningDataModule):
         return int((frames - self.learning_starts) * self.hparams.utd_ratio) + 1 - updates
 
     def collect(self) -> None:
-        """Step the collector once, store the transitions, record finished episodes' returns."""
-        batch = next(self._collector_iter).reshape(-1)
+        """Step the collector once, store the transitions, record finished episodes' returns and the actions of
+        the episodes under way."""
+        batch = next(self._collector_iter).reshape(self.hparams.num_envs, -1)  # [num_envs, steps]: each env's frames
         self.frames += batch.numel()
-        done = batch[NEXT_DONE].reshape(-1)
-        ends = done.nonzero().reshape(-1)
-        if len(ends):
-            self.episode_returns.extend(batch[NEXT_EPISODE_REWARD].reshape(-1)[done].tolist())
-            self._episode_actions = []
-        start = int(ends[-1]) + 1 if len(ends) else 0
-        if start < len(batch):
-            self._episode_actions.append(batch[ACTION][start:].clone())
+        for stream, taken in zip(batch.unbind(0), self._episode_actions, strict=True):
+            done = stream[NEXT_DONE].reshape(-1)
+            ends = done.nonzero().reshape(-1)
+            if len(ends):
+                self.episode_returns.extend(stream[NEXT_EPISODE_REWARD].reshape(-1)[done].tolist())
+                taken.clear()
+            start = int(ends[-1]) + 1 if len(ends) else 0
+            if start < len(stream):
+                taken.append(stream[ACTION][start:].clone())
         self.store(batch)
 
     def store(self, batch: TensorDictBase) -> None:
-        """Put collected transitions ``[n]`` into the replay buffer."""
-        self.buffer.extend(batch.select(*TRANSITION_KEYS))
+        """Put collected transitions ``[num_envs, steps]`` into the replay buffer."""
+        self.buffer.extend(batch.reshape(-1).select(*TRANSITION_KEYS))
 
     def normalized_score(self, episode_return: float) -> float | None:
         """D4RL normalised score of a return on this task (``None`` for tasks without D4RL reference returns)."""
@@ -308,32 +347,63 @@ class OnlineDataModule(L.LightningDataModule):
 
     # --- evaluation -----------------------------------------------------------------------------------------------
     def val_dataloader(self) -> DataLoader:
-        """Evaluation episodes: each item is an episode index, turned into its result row by running it."""
-        return DataLoader(list(range(self.hparams.eval_episodes)), batch_size=None, collate_fn=self._episode_row)
+        """Evaluation episodes: each item is a group of up to ``num_envs`` episode indices, turned into their result
+        rows by running them side by side."""
+        episodes, width = list(range(self.hparams.eval_episodes)), self.hparams.num_envs
+        groups = [episodes[i:i + width] for i in range(0, len(episodes), width)]
+        return DataLoader(groups, batch_size=None, collate_fn=self._episode_rows)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def _episode_row(self, episode: int) -> torch.Tensor:
-        """Run evaluation episode ``episode`` with the module's critic: its float64 row (:data:`EPISODE_FIELDS`)."""
-        episode_return, length, success = self.evaluate_episode(self.trainer.lightning_module.critic, int(episode))
-        score = self.normalized_score(episode_return)
-        return torch.tensor([episode, episode_return, length, success, math.nan if score is None else score,
-                             self.frames], dtype=torch.float64)
+    def _episode_rows(self, episodes: list[int]) -> torch.Tensor:
+        """Run evaluation episodes ``episodes`` with the module's critic: their float64 rows
+        ``[len(episodes), len(EPISODE_FIELDS)]``."""
+        rows = []
+        for episode, (episode_return, length, success) in zip(
+                episodes, self.evaluate_episodes(self.trainer.lightning_module.critic, episodes), strict=True):
+            score = self.normalized_score(episode_return)
+            rows.append([episode, episode_return, length, success, math.nan if score is None else score, self.frames])
+        return torch.tensor(rows, dtype=torch.float64)
+
+    def evaluate_episode(self, critic, episode: int) -> tuple[float, int, float]:
+        """Run one deterministic episode with ``critic`` acting; returns (undiscounted return, length, success)."""
+        return self.evaluate_episodes(critic, [episode])[0]
 
     @torch.no_grad()
-    def evaluate_episode(self, critic, episode: int) -> tuple[float, int, float]:
-        """Run one deterministic episode with ``critic`` acting; returns (undiscounted return, length, success).
+    def evaluate_episodes(self, critic, episodes: list[int]) -> list[tuple[float, int, float]]:
+        """Run deterministic episodes (at most ``num_envs``, side by side) with ``critic`` acting; episode ``k``
+        resets with seed ``eval_seed + k``. Returns (undiscounted return, length, success) per episode.
 
         ``success`` is 1.0 when the env reported ``success`` at any step, 0.0 when it never did, and NaN for envs that
         do not report success."""
+        require(1 <= len(episodes) <= self.hparams.num_envs,
+                f"{len(episodes)} evaluation episodes at once for data.num_envs {self.hparams.num_envs}")
         if self._eval_env is None:
-            self._eval_env = self.make_env(self.hparams.eval_seed)
-        self._eval_env.set_seed(self.hparams.eval_seed + episode)
+            self._eval_env = self._evaluation_env()
+        subs = _sub_envs(self._eval_env)
+        for i, sub in enumerate(subs):  # spare envs repeat the last episode (their results are dropped)
+            sub.set_seed(self.hparams.eval_seed + episodes[min(i, len(episodes) - 1)])
         with set_exploration_type(ExplorationType.DETERMINISTIC):
-            rollout = self._eval_env.rollout(self.hparams.eval_max_steps, make_actor(critic), break_when_any_done=True)
-        success = float(rollout[NEXT_SUCCESS].any()) if NEXT_SUCCESS in rollout.keys(True) else math.nan
-        return float(rollout[NEXT_REWARD].sum()), rollout.numel(), success
+            rollout = self._eval_env.rollout(self.hparams.eval_max_steps, make_actor(critic),
+                                             break_when_any_done=len(subs) == 1, break_when_all_done=len(subs) > 1)
+        rollout = rollout.reshape(len(subs), -1)  # [envs, steps]; an env that is done stays done
+        results = []
+        for stream in rollout.unbind(0)[:len(episodes)]:
+            done = stream[NEXT_DONE].reshape(-1)
+            length = int(done.nonzero()[0]) + 1 if done.any() else len(stream)  # eval_max_steps ends it otherwise
+            stream = stream[:length]
+            success = float(stream[NEXT_SUCCESS].any()) if NEXT_SUCCESS in stream.keys(True) else math.nan
+            results.append((float(stream[NEXT_REWARD].sum()), length, success))
+        return results
+
+    def _evaluation_env(self) -> EnvBase:
+        """One env, or a ``SerialEnv`` of ``num_envs``, for evaluation episodes (seeded per episode)."""
+        if self.hparams.num_envs == 1:
+            return self.make_env(self.hparams.eval_seed)
+        env = SerialEnv(self.hparams.num_envs, [partial(self.make_env, self.hparams.eval_seed)] * self.hparams.num_envs)
+        env.start()
+        return env
 
     # --- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -360,14 +430,22 @@ class OnlineDataModule(L.LightningDataModule):
 
     def _rank_state(self) -> dict:
         """What each rank saves of its own beside its buffers: the acting RNG and the training episode under way."""
-        episode = self.current_episode()
+        episodes = self.current_episodes()
         return {"acting_rng": self._acting_generator.get_state(),
-                "episode": None if episode is None else episode.to_dict()}
+                "episodes": None if episodes is None else [episode.to_dict() for episode in episodes]}
 
     def _restore_rank_state(self, state: dict) -> None:
+        """The acting RNG and the unfinished training episodes; those of a run with another ``num_envs`` are not
+        continued (every env starts a new episode)."""
         self._acting_generator.set_state(state["acting_rng"])
-        episode = state.get("episode")  # older checkpoints recorded none
-        self._pending_episode = None if episode is None else EpisodeRecord.from_dict(episode)
+        saved = state.get("episodes")
+        if saved is None and state.get("episode") is not None:  # written before num_envs (one env)
+            saved = [state["episode"]]
+        if saved is not None and len(saved) != self.hparams.num_envs:
+            warnings.warn(f"the checkpoint's run collected with {len(saved)} envs, this one with data.num_envs "
+                          f"{self.hparams.num_envs}: every env starts a new episode", stacklevel=2)
+            saved = None
+        self._pending_episodes = None if saved is None else [EpisodeRecord.from_dict(episode) for episode in saved]
 
     def _buffers(self) -> dict[str, TensorDictReplayBuffer | None]:
         """The replay buffers a checkpoint holds, by name."""
@@ -420,6 +498,11 @@ class OnlineDataModule(L.LightningDataModule):
             if name in saved:
                 buffer.empty()
                 _restore_buffer(buffer, saved[name])
+
+
+def _sub_envs(env: EnvBase) -> list[EnvBase]:
+    """The envs stepped side by side: a started ``SerialEnv``'s own envs, or ``[env]``."""
+    return list(env._envs) if isinstance(env, SerialEnv) else [env]
 
 
 def _buffer_state(buffer: TensorDictReplayBuffer) -> dict:

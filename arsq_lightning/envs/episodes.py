@@ -27,6 +27,14 @@ def episode_seed(seed: int, episode: int) -> int:
     return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
 
 
+def sub_env_seed(seed: int, env: int) -> int:
+    """The seed of env ``env`` of envs stepped side by side by a run seeded ``seed``: ``seed`` itself for env 0 (so
+    that one env is seeded as before there were several), a spawned, independent seed for the others."""
+    if env == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(env,)).generate_state(1)[0])
+
+
 class EpisodeSeeds(Transform):
     """Seeds the base env with :func:`episode_seed` ``(seed, episodes)`` before each reset and counts the resets.
 

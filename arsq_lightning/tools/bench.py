@@ -11,7 +11,9 @@ Network sizes are the paper's D4RL ones (docs/algorithm.md §3.2): ``Autoregress
 
 One *update* = loss forward (``ARSQLoss``, no conservative term unless ``--conservative cql``) + backward + Adam step +
 Polyak update of the target head, on a random TensorDict batch in TorchRL layout. *Acting* = ``ARSQCritic.act`` on a
-batch of 1 or 16 observations, deterministic (argmax) or stochastic (Boltzmann sample).
+batch of 1 or 16 observations, deterministic (argmax) or stochastic (Boltzmann sample). *Collection* = env frames per
+second of the training collector on Pendulum-v1 (the pendulum shape's critic acting stochastically) with 1, 4 and 8
+envs side by side (``data.num_envs``), timed interleaved too.
 
 Every number is compared with the straightforward per-position reference measured in the same run: the compared
 variants are timed interleaved (round-robin blocks, order reversed every round) and the medians are reported, so the
@@ -44,16 +46,20 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 from torch import Tensor
+from torchrl.collectors import Collector
+from torchrl.envs.utils import ExplorationType
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.algos.base import total_loss
 from arsq_lightning.cli import cpu_has_native_bf16
+from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.export import export_policy
 from arsq_lightning.module import ARSQModule, compiled_loss_terms, loss_terms
+from arsq_lightning.policy import make_actor
 from arsq_lightning.tools import (
     reference,  # the slow per-position implementation the tests also check against
     solve_race,
@@ -66,6 +72,7 @@ BATCH = 512
 TAU = 0.005
 GAMMA = 0.99
 ACT_BATCHES = (1, 16)
+COLLECT_ENVS = (1, 4, 8)  # envs side by side in the collection benchmark
 BLOCK_S = 0.05  # fast calls are repeated inside a timed block until it lasts about this long
 
 # Orientation numbers for the official ARSQ code, hopper shapes, batch 512, one CPU thread (from the issue).
@@ -334,6 +341,30 @@ def bench_acting(setup: Setup, args: argparse.Namespace) -> dict[tuple[int, str]
     return results
 
 
+def bench_collection(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Training collection on Pendulum-v1 with ``COLLECT_ENVS`` envs side by side, as the data module collects
+    (stochastic acting, one step of every env per collector batch): prints and returns ``env_fps_<n>``."""
+    torch.manual_seed(args.seed)
+    critic = build_module(ENVS["pendulum"], device, "none").critic
+    fns, collectors = {}, []
+    for n in COLLECT_ENVS:
+        env = OnlineDataModule("Pendulum-v1", num_envs=n).training_env(args.seed)
+        collector = Collector(env, make_actor(critic, torch.Generator().manual_seed(args.seed)), frames_per_batch=n,
+                              total_frames=-1, exploration_type=ExplorationType.RANDOM, track_traj_ids=False,
+                              auto_register_policy_transforms=False)
+        collectors.append(collector)
+        fns[f"{n} envs"] = partial(next, iter(collector))
+    times = interleaved(fns, repeats=args.repeats, warmup=args.warmup, sync=synchronizer(device))
+    for collector in collectors:
+        collector.shutdown()
+    rates = {n: n / times[f"{n} envs"] for n in COLLECT_ENVS}
+    print("\n=== collection: Pendulum-v1, the pendulum shape's critic acting stochastically (data.num_envs) ===")
+    print(f"{'envs':>6} {'frames/s':>10} {'vs 1 env':>9}")
+    for n, rate in rates.items():
+        print(f"{n:>6} {rate:>10.0f} {rate / rates[1]:>8.2f}x")
+    return {f"env_fps_{n}": rate for n, rate in rates.items()}
+
+
 # --- reporting -------------------------------------------------------------------------------------------------------
 def fmt_ratio(ref: float | None, ours: float) -> str:
     return "n/a" if ref is None else f"{ref / ours:.2f}x"
@@ -450,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary: dict[str, float] = {}
     for name in ENVS if args.env == "all" else [args.env]:
         summary.update(run_env(name, args, device))
+    summary.update(bench_collection(args, device))
     if args.solve_seeds > 0:
         print(f"\n=== time to solve Pendulum-v1 (better than {solve_race.SOLVED:.0f}): quickstart vs SB3 SAC ===")
         summary.update(solve_race.summary(solve_race.race(args.solve_seeds, args.solve_max_frames)))

@@ -50,7 +50,7 @@ def _eval_returns(cli) -> dict[int, float]:
 
 def _saved_episode(checkpoint: str) -> dict:
     """The training episode under way that a checkpoint recorded."""
-    return torch.load(checkpoint, weights_only=False)["OfflineToOnlineDataModule"]["episode"]
+    return torch.load(checkpoint, weights_only=False)["OfflineToOnlineDataModule"]["episodes"][0]
 
 
 def _assert_same_state(resumed, straight) -> None:
@@ -115,6 +115,33 @@ def test_an_env_that_does_not_replay_its_episode_starts_the_next_one(monkeypatch
         resumed = _fit(config, tmp_path / "split", "--trainer.max_steps", "32", "--ckpt_path", path)
     assert (resumed.datamodule.frames, resumed.datamodule.updates_done) == (32 - PRETRAIN, 32)
     assert _saved_episode(resumed.trainer.checkpoint_callback.last_model_path)["index"] == index + 1
+
+
+def test_resume_with_several_envs_continues_every_envs_episode_bit_identically(monkeypatch, tmp_path):
+    """Two envs side by side, stopped 3 steps into each one's first online episode: each replays its own actions
+    from its own seed and the resumed run goes on as the one that never stopped. A resume with another number of
+    envs says so and starts new episodes."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    two = ("--data.init_args.num_envs", "2", "--data.init_args.frames_per_batch", "2")
+    straight = _fit(config, tmp_path / "straight", *two)
+    first = _fit(config, tmp_path / "split", *two, "--trainer.max_steps", "25")
+    assert first.datamodule.frames == 6  # 3 collections of one step per env, one update per frame
+    path = first.trainer.checkpoint_callback.last_model_path
+    saved = torch.load(path, weights_only=False)["OfflineToOnlineDataModule"]["episodes"]
+    assert [(e["index"], e["actions"].shape[0]) for e in saved] == [(0, 3), (0, 3)]
+    assert not torch.equal(saved[0]["actions"], saved[1]["actions"])
+    resumed = _fit(config, tmp_path / "split", *two, "--ckpt_path", path)
+    assert resumed.trainer.global_step == UPDATES
+    _assert_same_state(resumed, straight)
+    straight_returns, resumed_returns = _eval_returns(straight), _eval_returns(resumed)
+    shared = set(resumed_returns) & set(straight_returns)
+    assert {step: resumed_returns[step] for step in shared} == {step: straight_returns[step] for step in shared}
+    assert len(shared) >= 2
+    with pytest.warns(UserWarning, match="collected with 2 envs, this one with data.num_envs 1"):
+        single = _fit(config, tmp_path / "split", "--trainer.max_steps", str(UPDATES + 5),
+                      "--ckpt_path", resumed.trainer.checkpoint_callback.last_model_path)
+    assert (single.datamodule.frames, single.datamodule.updates_done) == (UPDATES - PRETRAIN + 5, UPDATES + 5)
 
 
 def test_a_resume_continues_its_mlflow_run_without_duplicate_points(monkeypatch, tmp_path):

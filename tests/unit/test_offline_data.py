@@ -117,9 +117,9 @@ def test_relabelling_adds_only_episodes_that_reach_the_demo_mean_return(hopper_f
     good_reward = threshold / 5 / 2 + 1.0  # 5 steps; stored rewards are scaled by 2
     bad_reward = threshold / 5 / 2 - 1.0
     first_half = _episode(3, good_reward, done_at_end=False)  # a good episode split over two collector batches
-    data.store(torch.cat([_episode(4, bad_reward), first_half]))
+    data.store(torch.cat([_episode(4, bad_reward), first_half]).unsqueeze(0))  # [1 env, steps]
     assert len(data.demo_buffer) == demo_before  # the bad one finished below the threshold, the good one is open
-    data.store(_episode(2, good_reward))
+    data.store(_episode(2, good_reward).unsqueeze(0))
     assert len(data.demo_buffer) == demo_before + 5 and data.relabelled_episodes == 1
     added = data.demo_buffer.storage[demo_before:demo_before + 5]
     assert added["demo"].all()
@@ -133,7 +133,7 @@ def test_resume_restores_both_buffers_and_keeps_updating(hopper_file):
     data.train_dataloader()
     for _ in range(30):  # 3 offline updates, then online collection with updates
         data.next_batch()
-    data.store(_episode(5, 1e6))  # relabelled into the demo buffer
+    data.store(_episode(5, 1e6).unsqueeze(0))  # relabelled into the demo buffer
     state = data.state_dict()
     resumed = _attach(OfflineToOnlineDataModule("Hopper-v5", pretrain_steps=3, **kwargs))
     resumed.load_state_dict(state)
