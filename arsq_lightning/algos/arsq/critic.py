@@ -103,13 +103,14 @@ class ARSQCritic(Critic):
     def _evaluate_features(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`evaluate` from encoder features ``[B, F]``, with ``head``."""
         codes = self.discretizer.encode(action)  # [B, L, D]
-        logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order))
+        # fp32 from here on, also under bf16 autocast: the normaliser, Q and everything the loss builds on them
+        logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order)).float()
         if not self.discretizer.uniform_grid:  # dims with fewer bins or levels: their extra bins do not exist
             logits = logits.masked_fill(~self.discretizer.bin_mask, float("-inf"))
         adv = soft_advantages(logits, self.soft_alpha) if self.advantages == "soft" else mean_advantages(logits)
         flat_codes = codes.flatten(-2)  # position i = l * D + d
         index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
-        q = head.value(features) + adv.gather(-1, index).squeeze(-1).sum(-1)
+        q = head.value(features).float() + adv.gather(-1, index).squeeze(-1).sum(-1)
         return q, adv, flat_codes
 
     @torch.no_grad()
@@ -118,7 +119,7 @@ class ARSQCritic(Critic):
         advantages ``min_k Q̄_k(s, ā)``, ``ā`` the target networks' greedy action."""
         features = self.encoder(obs)
         if self.advantages == "soft":
-            return self.target_head.value(features).min(0).values
+            return self.target_head.value(features).float().min(0).values
         greedy = self._decode_features(self.target_head, features, None)
         return self._evaluate_features(features, greedy, self.target_head)[0].min(0).values
 
@@ -166,7 +167,7 @@ class ARSQCritic(Critic):
                 choices = []
                 for dim in group:
                     position = lvl * disc.action_dim + dim
-                    logits = head.position_logits(features, cond, position, cache)
+                    logits = head.position_logits(features, cond, position, cache).float()
                     if not disc.uniform_grid:
                         logits = logits.masked_fill(~disc.bin_mask[position], float("-inf"))
                     # min_k of the act_alpha-normalised advantages, over act_alpha: the argmax is the greedy bin,

@@ -61,7 +61,7 @@ class CQNCritic(Critic):
     def logits(self, features: Tensor, codes: Tensor, *, target: bool = False) -> Tensor:
         """Atom logits of every (level, dim, bin) along the path of ``codes`` ``[B, L, D]``: ``[B, L, D, K, A]``."""
         head = self.target_head if target else self.head
-        return head.all_logits(features, self.level_conditioning(codes))
+        return head.all_logits(features, self.level_conditioning(codes)).float()  # fp32 under bf16 autocast too
 
     def evaluate(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Atom logits of every (level, dim, bin) along the path of the data action ``[B, L, D, K, A]``, and the
@@ -86,7 +86,7 @@ class CQNCritic(Critic):
         codes = []
         valid = disc.bin_mask.view(disc.levels, disc.action_dim, disc.bins)
         for lvl in range(disc.levels):
-            q = head.expected_q(head.level_logits(features, disc.midpoint(prefix, lvl), lvl))  # [B, D, K]
+            q = head.expected_q(head.level_logits(features, disc.midpoint(prefix, lvl), lvl).float())  # [B, D, K]
             best = q.masked_fill(~valid[lvl], float("-inf"))  # missing bins never win
             spread = best.amax(-1) - q.masked_fill(~valid[lvl], float("inf")).amin(-1)
             choice = best.argmax(-1)
