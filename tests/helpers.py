@@ -9,6 +9,8 @@ from functools import cache
 from pathlib import Path
 
 import mlflow
+import torch
+from tensordict import TensorDict
 
 REPO = Path(__file__).resolve().parents[1]
 # Every shipped run: a file, or an overlay on the base.yaml of its folder (configs/README.md).
@@ -72,3 +74,15 @@ def write_random_dataset(env_id: str, path: Path, steps: int = 120, max_episode_
     data = env.rollout(steps, break_when_any_done=False)
     write_d4rl_hdf5(path, data, metadata={"generator": "uniform random actions (tests)"})
     return path
+
+
+def random_transitions(size: int, obs_dim: int, action_dim: int, *, terminal_rate: float = 0.2,
+                       seed: int = 1) -> TensorDict:
+    """A random training batch ``[size]`` in TorchRL layout (half of it flagged demo), actions in ``[-1, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict({"observation": torch.randn(size, obs_dim, generator=g),
+                       "action": torch.rand(size, action_dim, generator=g) * 2 - 1,
+                       "demo": torch.rand(size, generator=g) < 0.5,
+                       "next": {"observation": torch.randn(size, obs_dim, generator=g),
+                                "reward": torch.randn(size, 1, generator=g),
+                                "terminated": torch.rand(size, 1, generator=g) < terminal_rate}}, batch_size=[size])

@@ -7,6 +7,8 @@ import torch
 
 from arsq_lightning import ARSQCritic, AutoregressiveHead, CoarseToFineDiscretizer, FlattenEncoder
 
+from helpers import random_transitions
+
 
 def test_compiled_acting_matches_eager():
     disc = CoarseToFineDiscretizer([-1.0, 0.0], [1.0, 3.0], levels=2, bins=3)
@@ -57,18 +59,6 @@ def _module(critic: str, loss):
                       critic=partial(ARSQCritic, soft_alpha=0.1, advantages=critic), loss=loss)
 
 
-def _batch(size: int = 24):
-    from tensordict import TensorDict
-
-    g = torch.Generator().manual_seed(1)
-    return TensorDict({"observation": torch.randn(size, 4, generator=g),
-                       "action": torch.rand(size, 2, generator=g) * 2 - 1,
-                       "demo": torch.rand(size, generator=g) < 0.5,
-                       "next": {"observation": torch.randn(size, 4, generator=g),
-                                "reward": torch.randn(size, 1, generator=g),
-                                "terminated": torch.rand(size, 1, generator=g) < 0.2}}, batch_size=[size])
-
-
 @pytest.mark.parametrize("critic", ["soft", "mean", "cqn"])
 def test_compiled_update_matches_eager(critic):
     """``compile_update``: the loss and its backward compile into graphs without a break (``fullgraph=True``, so no
@@ -78,7 +68,7 @@ def test_compiled_update_matches_eager(critic):
 
     loss = CQNLoss(fosd_weight=0.1, margin_weight=0.1) if critic == "cqn" else ARSQLoss(conservative="cql",
                                                                                        conservative_weight=0.5)
-    module, batch = _module(critic, loss), _batch()
+    module, batch = _module(critic, loss), random_transitions(24, 4, 2)
     grads = []
     for fn in (loss_terms, compiled_loss_terms()):
         module.zero_grad(set_to_none=True)

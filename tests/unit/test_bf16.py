@@ -22,6 +22,8 @@ from arsq_lightning import (
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.module import loss_terms
 
+from helpers import random_transitions
+
 
 def _module(critic: str) -> ARSQModule:
     """A small module whose weights are perturbed, as after some training (CQN's output layers start at zero)."""
@@ -41,16 +43,6 @@ def _module(critic: str) -> ARSQModule:
     return module
 
 
-def _batch(size: int = 64) -> TensorDict:
-    g = torch.Generator().manual_seed(1)
-    return TensorDict({"observation": torch.randn(size, 6, generator=g),
-                       "action": torch.rand(size, 3, generator=g) * 2 - 1,
-                       "demo": torch.rand(size, generator=g) < 0.5,
-                       "next": {"observation": torch.randn(size, 6, generator=g),
-                                "reward": torch.randn(size, 1, generator=g),
-                                "terminated": torch.rand(size, 1, generator=g) < 0.1}}, batch_size=[size])
-
-
 def _update(module: ARSQModule, batch: TensorDict, bf16: bool) -> tuple[dict, torch.Tensor]:
     module.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -62,7 +54,7 @@ def _update(module: ARSQModule, batch: TensorDict, bf16: bool) -> tuple[dict, to
 
 @pytest.mark.parametrize("critic", ["soft", "mean", "cqn"])
 def test_bf16_autocast_keeps_values_and_losses_fp32_and_agrees_with_fp32(critic):
-    module, batch = _module(critic), _batch()
+    module, batch = _module(critic), random_transitions(64, 6, 3, terminal_rate=0.1)
     fp32, fp32_grads = _update(module, batch, bf16=False)
     bf16, bf16_grads = _update(module, batch, bf16=True)
     assert {name: value.dtype for name, value in bf16.items()} == {name: torch.float32 for name in bf16}
