@@ -4,6 +4,7 @@ CLI and scripts), ``tests/slow`` (``slow``: learning, DDP, compilation, dataset 
 
     python -m pytest -q                              # everything (the README's test command)
     python -m pytest -q -m "not e2e and not slow"    # the unit suite
+    python -m pytest -q -m gpu                       # the tests that also run on a CUDA device (skipped without)
 """
 
 from __future__ import annotations

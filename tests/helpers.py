@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 from tensordict import TensorDict
 
@@ -86,3 +87,9 @@ def random_transitions(size: int, obs_dim: int, action_dim: int, *, terminal_rat
                        "next": {"observation": torch.randn(size, obs_dim, generator=g),
                                 "reward": torch.randn(size, 1, generator=g),
                                 "terminated": torch.rand(size, 1, generator=g) < terminal_rate}}, batch_size=[size])
+
+
+# The device parameter of tests that also run on a GPU: "cpu" always, "cuda" (marked ``gpu``) only where CUDA is.
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+DEVICES = ["cpu", CUDA]

@@ -7,7 +7,7 @@ import torch
 
 from arsq_lightning import ARSQCritic, AutoregressiveHead, CoarseToFineDiscretizer, FlattenEncoder
 
-from helpers import random_transitions
+from helpers import DEVICES, random_transitions
 
 
 def test_compiled_acting_matches_eager():
@@ -59,8 +59,9 @@ def _module(critic: str, loss):
                       critic=partial(ARSQCritic, soft_alpha=0.1, advantages=critic), loss=loss)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("critic", ["soft", "mean", "cqn"])
-def test_compiled_update_matches_eager(critic):
+def test_compiled_update_matches_eager(critic, device):
     """``compile_update``: the loss and its backward compile into graphs without a break (``fullgraph=True``, so no
     host sync either) and give the eager update's loss terms and gradients."""
     from arsq_lightning import ARSQLoss, CQNLoss
@@ -68,7 +69,7 @@ def test_compiled_update_matches_eager(critic):
 
     loss = CQNLoss(fosd_weight=0.1, margin_weight=0.1) if critic == "cqn" else ARSQLoss(conservative="cql",
                                                                                        conservative_weight=0.5)
-    module, batch = _module(critic, loss), random_transitions(24, 4, 2)
+    module, batch = _module(critic, loss).to(device), random_transitions(24, 4, 2).to(device)
     grads = []
     for fn in (loss_terms, compiled_loss_terms()):
         module.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ from arsq_lightning import (
 from arsq_lightning.envs.core import EnvSpec
 from arsq_lightning.module import loss_terms
 
-from helpers import random_transitions
+from helpers import DEVICES, random_transitions
 
 
 def _module(critic: str) -> ARSQModule:
@@ -45,16 +45,18 @@ def _module(critic: str) -> ARSQModule:
 
 def _update(module: ARSQModule, batch: TensorDict, bf16: bool) -> tuple[dict, torch.Tensor]:
     module.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = loss_terms(module.loss_fn, module.critic, batch)
     out["loss"].backward()
     grads = torch.cat([p.grad.flatten() for p in module.critic.online_parameters() if p.grad is not None])
     return out, grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("critic", ["soft", "mean", "cqn"])
-def test_bf16_autocast_keeps_values_and_losses_fp32_and_agrees_with_fp32(critic):
-    module, batch = _module(critic), random_transitions(64, 6, 3, terminal_rate=0.1)
+def test_bf16_autocast_keeps_values_and_losses_fp32_and_agrees_with_fp32(critic, device):
+    module = _module(critic).to(device)
+    batch = random_transitions(64, 6, 3, terminal_rate=0.1).to(device)
     fp32, fp32_grads = _update(module, batch, bf16=False)
     bf16, bf16_grads = _update(module, batch, bf16=True)
     assert {name: value.dtype for name, value in bf16.items()} == {name: torch.float32 for name in bf16}
@@ -62,6 +64,6 @@ def test_bf16_autocast_keeps_values_and_losses_fp32_and_agrees_with_fp32(critic)
     torch.testing.assert_close(bf16["loss"], fp32["loss"], rtol=2e-2, atol=1e-3)
     cosine = torch.nn.functional.cosine_similarity(bf16_grads, fp32_grads, dim=0)
     assert cosine > 0.999 and (bf16_grads.norm() / fp32_grads.norm() - 1).abs() < 0.02
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         values = module.critic.evaluate(batch["observation"], batch["action"])[:-1]  # ARSQ: q, adv; CQN: logits
     assert all(value.dtype == torch.float32 for value in values)
