@@ -225,11 +225,7 @@ class OnlineDataModule(L.LightningDataModule):
             env.append_transform(EpisodeSeeds(sub_env_seed(seed, i)))
             return env
 
-        if self.hparams.num_envs == 1:
-            env = one_env(0)
-        else:
-            env = SerialEnv(self.hparams.num_envs, [partial(one_env, i) for i in range(self.hparams.num_envs)])
-            env.start()
+        env = _side_by_side([partial(one_env, i) for i in range(self.hparams.num_envs)])
         self._episode_seeds = [sub.transform[-1] for sub in _sub_envs(env)]
         return env
 
@@ -399,11 +395,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     def _evaluation_env(self) -> EnvBase:
         """One env, or a ``SerialEnv`` of ``num_envs``, for evaluation episodes (seeded per episode)."""
-        if self.hparams.num_envs == 1:
-            return self.make_env(self.hparams.eval_seed)
-        env = SerialEnv(self.hparams.num_envs, [partial(self.make_env, self.hparams.eval_seed)] * self.hparams.num_envs)
-        env.start()
-        return env
+        return _side_by_side([partial(self.make_env, self.hparams.eval_seed)] * self.hparams.num_envs)
 
     # --- checkpointing --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -498,6 +490,15 @@ class OnlineDataModule(L.LightningDataModule):
             if name in saved:
                 buffer.empty()
                 _restore_buffer(buffer, saved[name])
+
+
+def _side_by_side(factories: list) -> EnvBase:
+    """The env one factory makes, or a started ``SerialEnv`` of one env per factory."""
+    if len(factories) == 1:
+        return factories[0]()
+    env = SerialEnv(len(factories), factories)
+    env.start()
+    return env
 
 
 def _sub_envs(env: EnvBase) -> list[EnvBase]:
