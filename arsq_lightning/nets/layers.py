@@ -34,6 +34,24 @@ def orthogonal_(weight: Tensor, gain: float) -> Tensor:
     return weight
 
 
+def fp32_affine(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``bias + x @ weight`` (``[E, M, in] -> [E, M, out]``) in fp32 even under bf16 autocast, for output layers:
+    values reach the hundreds, where bf16 keeps under three significant digits (steps of 2 at 300), coarser than the
+    gaps between actions' values. Costs one small matmul in fp32; the hidden layers stay in bf16."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return torch.baddbmm(bias, x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.baddbmm(bias.float(), x.float(), weight.float())
+
+
+def fp32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` in fp32 even under autocast, as :func:`fp32_affine` (for output layers)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+
+
 class EnsembleLinear(nn.Module):
     """``E`` independent affine maps: ``[E, M, in] -> [E, M, out]``.
 
@@ -42,15 +60,18 @@ class EnsembleLinear(nn.Module):
         in_features: input width.
         out_features: output width.
         gain: orthogonal-init gain.
+        fp32: compute in fp32 even under autocast (:func:`fp32_affine`; for output layers).
     """
 
-    def __init__(self, members: int, in_features: int, out_features: int, *, gain: float = math.sqrt(2.0)):
+    def __init__(self, members: int, in_features: int, out_features: int, *, gain: float = math.sqrt(2.0),
+                 fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(orthogonal_(torch.empty(members, in_features, out_features), gain))
         self.bias = nn.Parameter(torch.zeros(members, 1, out_features))
+        self.fp32 = fp32
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return fp32_affine(self.bias, x, self.weight) if self.fp32 else torch.baddbmm(self.bias, x, self.weight)
 
 
 class EnsembleMLP(nn.Module):

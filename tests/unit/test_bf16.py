@@ -67,3 +67,20 @@ def test_bf16_autocast_keeps_values_and_losses_fp32_and_agrees_with_fp32(critic,
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         values = module.critic.evaluate(batch["observation"], batch["action"])[:-1]  # ARSQ: q, adv; CQN: logits
     assert all(value.dtype == torch.float32 for value in values)
+
+
+@pytest.mark.parametrize("critic", ["soft", "mean", "cqn"])
+def test_bf16_keeps_large_values_to_fp32_accuracy(critic):
+    """Values in the hundreds (Pendulum's, after training): bf16 would round them in steps of 2 at 300, coarser than
+    the gaps between actions; the output layers run in fp32, so ARSQ's Q and CQN's atom logits stay within a few
+    hundredths of fp32."""
+    module = _module(critic)
+    with torch.no_grad():
+        module.critic.head.value_out.bias.fill_(300.0)
+    batch = random_transitions(64, 6, 3, terminal_rate=0.1)
+    with torch.no_grad():
+        fp32 = module.critic.evaluate(batch["observation"], batch["action"])[0]  # ARSQ: Q [C, B]; CQN: logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = module.critic.evaluate(batch["observation"], batch["action"])[0]
+    assert fp32.abs().min() > 250
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.05)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from arsq_lightning.algos.base import Head
 from arsq_lightning.errors import require
-from arsq_lightning.nets.layers import EnsembleLinear, EnsembleMLP, orthogonal_
+from arsq_lightning.nets.layers import EnsembleLinear, EnsembleMLP, fp32_affine, orthogonal_
 
 
 def dim_groups(action_dim: int, groups: int | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -78,7 +78,7 @@ class AutoregressiveHead(Head):
         self.num_positions, self.chunk, self.num_chunks = positions, chunk, positions // chunk
         members = num_critics * self.num_chunks  # member e = critic * num_chunks + chunk
         self.value_trunk = EnsembleMLP(num_critics, feature_dim, hidden_dims, activation, layer_norm)
-        self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], 1, gain=out_gain)
+        self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], 1, gain=out_gain, fp32=True)
         self.adv_trunk = EnsembleMLP(members, feature_dim + action_dim, hidden_dims, activation, layer_norm)
         flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * bins), out_gain)  # one [H, S*K] per member
         self.adv_weight = nn.Parameter(flat.view(members, -1, chunk, bins).transpose(1, 2).contiguous())  # [E, S, H, K]
@@ -107,8 +107,8 @@ class AutoregressiveHead(Head):
         cond_part = torch.bmm(rows.repeat(self.num_critics, 1, 1), first.weight[:, width:])  # [E, S * B, H]
         pre = (cond_part.view(members, slots, batch, -1) + feature_part.unsqueeze(1)).view(members, slots * batch, -1)
         h = self.adv_trunk.after_first_layer(pre)  # [E, S * B, H]
-        out = torch.baddbmm(self.adv_bias.view(members * slots, 1, self.bins), h.view(members * slots, batch, -1),
-                            self.adv_weight.view(members * slots, -1, self.bins))  # [E * S, B, K]
+        out = fp32_affine(self.adv_bias.view(members * slots, 1, self.bins), h.view(members * slots, batch, -1),
+                          self.adv_weight.view(members * slots, -1, self.bins))  # [E * S, B, K]
         out = out.view(self.num_critics, self.num_chunks, slots, batch, self.bins).permute(0, 3, 1, 2, 4)
         return out.reshape(self.num_critics, batch, self.num_positions, self.bins)
 
@@ -143,4 +143,4 @@ class AutoregressiveHead(Head):
         for index, (bias, weight) in enumerate(weights["hidden"], start=1):
             x = trunk.activate(index, torch.baddbmm(bias, x, weight), members)
         out_bias, out_weight = weights["out"][slot]
-        return torch.baddbmm(out_bias, x, out_weight)
+        return fp32_affine(out_bias, x, out_weight)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from arsq_lightning.algos.base import Head
 from arsq_lightning.errors import require
+from arsq_lightning.nets.layers import fp32_linear
 
 
 def _stream(feature_dim: int, action_dim: int, levels: int, trunk_dim: int,
@@ -71,8 +72,8 @@ class CQNHead(Head):
         onehot = nn.functional.one_hot(level, self.levels).to(features.dtype)
         value = self._run(self.value_stream, features, cond, onehot)
         adv = self._run(self.adv_stream, features, cond, onehot)
-        value = self.value_out(value).view(batch, self.action_dim, 1, self.atoms)
-        adv = self.adv_out(adv).view(batch, self.action_dim, self.bins, self.atoms)
+        value = fp32_linear(self.value_out, value).view(batch, self.action_dim, 1, self.atoms)  # fp32 under autocast
+        adv = fp32_linear(self.adv_out, adv).view(batch, self.action_dim, self.bins, self.atoms)
         return value + adv - adv.mean(-2, keepdim=True)
 
     @staticmethod
