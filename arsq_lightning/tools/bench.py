@@ -7,7 +7,7 @@ Network sizes are the paper's D4RL ones (docs/algorithm.md §3.2): ``Autoregress
 - hopper:      obs 11, act 3, L=2, B=7  (N=6 positions)
 - halfcheetah: obs 17, act 6, L=1, B=41 (N=6 positions)
 - humanoid:    obs 348, act 17, L=3, B=5 (N=51 positions; a humanoid-like shape, about 10x hopper's update)
-- pendulum:    obs 3, act 1, L=3, B=5 (N=3 positions; configs/quickstart.yaml: 2x256 ReLU nets, batch 256)
+- pendulum:    obs 3, act 1, L=3, B=5 (N=3 positions; configs/quickstart.yaml: 2x128 ReLU nets, batch 256)
 
 One *update* = loss forward (``ARSQLoss``, no conservative term unless ``--conservative cql``) + backward + Adam step +
 Polyak update of the target head, on a random TensorDict batch in TorchRL layout. *Acting* = ``ARSQCritic.act`` on a
@@ -99,7 +99,7 @@ class EnvShape:
 
 ENVS = {"hopper": EnvShape(11, 3, levels=2, bins=7), "halfcheetah": EnvShape(17, 6, levels=1, bins=41),
         "humanoid": EnvShape(348, 17, levels=3, bins=5),
-        "pendulum": EnvShape(3, 1, levels=3, bins=5, hidden=(256, 256), batch=256, activation="relu")}  # quickstart
+        "pendulum": EnvShape(3, 1, levels=3, bins=5, hidden=(128, 128), batch=256, activation="relu")}  # quickstart
 
 
 # --- construction ----------------------------------------------------------------------------------------------------
