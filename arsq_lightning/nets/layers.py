@@ -34,22 +34,25 @@ def orthogonal_(weight: Tensor, gain: float) -> Tensor:
     return weight
 
 
+def _outside_autocast(op, *tensors: Tensor) -> Tensor:
+    """``op(*tensors)``; under autocast, on fp32 copies with autocast switched off."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return op(*tensors)
+    with torch.autocast(device, enabled=False):
+        return op(*[tensor.float() for tensor in tensors])
+
+
 def fp32_affine(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """``bias + x @ weight`` (``[E, M, in] -> [E, M, out]``) in fp32 even under bf16 autocast, for output layers:
     values reach the hundreds, where bf16 keeps under three significant digits (steps of 2 at 300), coarser than the
     gaps between actions' values. Costs one small matmul in fp32; the hidden layers stay in bf16."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return torch.baddbmm(bias, x, weight)
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.baddbmm(bias.float(), x.float(), weight.float())
+    return _outside_autocast(torch.baddbmm, bias, x, weight)
 
 
 def fp32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in fp32 even under autocast, as :func:`fp32_affine` (for output layers)."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return layer(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    return _outside_autocast(F.linear, x, layer.weight, layer.bias)
 
 
 class EnsembleLinear(nn.Module):
