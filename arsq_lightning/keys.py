@@ -18,6 +18,8 @@ EPISODE = "episode"
 DEMO = "demo"
 PIXELS = "pixels"
 PROPRIO = "proprio"
+STEPS_TO_NEXT = "steps_to_next_obs"  # n-step rows: steps from the observation to ("next", "observation")
+NSTEP_REWARDS = "nstep_rewards"  # n-step rows: [n] rewards of those steps, zero after them
 
 NEXT_OBSERVATION = (NEXT, OBSERVATION)
 NEXT_REWARD = (NEXT, REWARD)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from arsq_lightning.discretizers import Discretizer
+from arsq_lightning.keys import NEXT_REWARD, NEXT_TERMINATED, NSTEP_REWARDS, STEPS_TO_NEXT
 
 
 class Head(nn.Module):
@@ -52,6 +54,25 @@ class Critic(nn.Module):
     def default_loss(self):
         """The loss this critic trains with when the config names none."""
         raise NotImplementedError
+
+
+def td_reward(batch: TensorDictBase, gamma: float, dtype: torch.dtype) -> Tensor:
+    """``[B]``: the reward part of a TD target, ``sum_j gamma^j r_{t+j}`` over an n-step row's ``nstep_rewards``
+    (:mod:`arsq_lightning.data.nstep`), else the one-step ``("next", "reward")``."""
+    if NSTEP_REWARDS not in batch.keys():
+        return batch[NEXT_REWARD].reshape(-1).to(dtype)
+    rewards = batch[NSTEP_REWARDS].to(dtype)  # [B, n]
+    powers = torch.pow(gamma, torch.arange(rewards.shape[-1], device=rewards.device, dtype=dtype))
+    return rewards @ powers
+
+
+def bootstrap_discount(batch: TensorDictBase, gamma: float, dtype: torch.dtype) -> Tensor:
+    """``[B]``: ``gamma^k * (1 - terminated)``, the weight of the next state's value in a TD target; ``k`` is an
+    n-step row's ``steps_to_next_obs``, 1 where the batch has none."""
+    not_terminal = 1.0 - batch[NEXT_TERMINATED].reshape(-1).to(dtype)
+    if STEPS_TO_NEXT not in batch.keys():
+        return gamma * not_terminal
+    return torch.pow(gamma, batch[STEPS_TO_NEXT].reshape(-1).to(dtype)) * not_terminal
 
 
 def total_loss(terms: dict[str, Tensor]) -> Tensor:

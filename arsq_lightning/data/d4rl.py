@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict
 
+from arsq_lightning.data.nstep import nstep_transitions
 from arsq_lightning.errors import require
 from arsq_lightning.keys import DEMO, EPISODE, NEXT_REWARD, NEXT_TERMINATED, NEXT_TRUNCATED
 
@@ -118,7 +119,8 @@ class DemoSplit:
 
 
 def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: float = 100.0,
-                reward_scale: float = 1.0, reward_bias: float = 0.0, drop_timeouts: bool = True) -> DemoSplit:
+                reward_scale: float = 1.0, reward_bias: float = 0.0, drop_timeouts: bool = True,
+                n_step: int = 1) -> DemoSplit:
     """The official preprocessing (§4.1): drop time-out transitions, scale rewards, sort episodes by return
     (ascending, stable), cut the demo window.
 
@@ -127,6 +129,8 @@ def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: f
         demo_percentile, demo_ratio: the window (official defaults 0 and 100: the whole dataset).
         reward_scale, reward_bias: ``r <- r * scale + bias``.
         drop_timeouts: drop transitions that end by time-out (the official code does).
+        n_step: with ``n_step > 1`` the rows become n-step rows within their episodes
+            (:func:`~arsq_lightning.data.nstep.nstep_transitions`).
     """
     if drop_timeouts:
         data = data[~(data[NEXT_TRUNCATED].reshape(-1) & ~data[NEXT_TERMINATED].reshape(-1))]
@@ -134,6 +138,8 @@ def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: f
     data = data.clone()
     data[NEXT_REWARD] = data[NEXT_REWARD] * reward_scale + reward_bias
     per_row, totals = episode_returns(data)
+    if n_step > 1:
+        data = nstep_transitions(data, n_step, episode=data[EPISODE])
     episode_ids = torch.unique(data[EPISODE])  # sorted; totals[k] belongs to episode_ids[k]
     data = data[torch.argsort(per_row, stable=True)]  # episodes stay contiguous (equal returns keep file order)
     start, stop = demo_window(data.numel(), demo_percentile, demo_ratio)

@@ -28,7 +28,7 @@ from arsq_lightning.data.datasets import check_against_env, read_d4rl_hdf5, read
 from arsq_lightning.data.online import TRANSITION_KEYS, DataStats, OnlineDataModule
 from arsq_lightning.envs.core import dataset_hint
 from arsq_lightning.errors import require
-from arsq_lightning.keys import ACTION, DEMO, NEXT_DONE, NEXT_REWARD
+from arsq_lightning.keys import ACTION, DEMO, NEXT_REWARD, NSTEP_REWARDS, STEPS_TO_NEXT
 
 STORED_KEYS = (*TRANSITION_KEYS, DEMO)
 
@@ -60,6 +60,8 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         trajectories_per_round: 0 interleaves updates with collection; k > 0 does the updates after k episodes.
         relabel: add online episodes that reach the demo mean return to the demo buffer.
         demo_buffer_factor: demo buffer capacity as a multiple of the demo window's size (official 2).
+        n_step: steps per TD target (1: one-step, official); with ``n > 1`` the dataset's rows too become n-step
+            rows within their episodes (see :class:`OnlineDataModule`).
         **kwargs: :class:`OnlineDataModule` options (``seed``, ``batch_size``, ``buffer_size``, ``utd_ratio``, ...).
     """
 
@@ -70,6 +72,7 @@ class OfflineToOnlineDataModule(OnlineDataModule):
                  clip_action: float = 0.99999, drop_timeouts: bool = True,
                  demo_fraction: float = 0.5, pretrain_steps: int = 0, online: bool = True,
                  trajectories_per_round: int = 0, relabel: bool = False, demo_buffer_factor: float = 2.0,
+                 n_step: int = 1,
                  seed: int | None = None, max_episode_steps: int | None = None, env_kwargs: dict | None = None,
                  frames_per_batch: int | None = None, num_envs: int = 1, init_random_frames: int = 0,
                  learning_starts: int | None = 1,
@@ -80,7 +83,8 @@ class OfflineToOnlineDataModule(OnlineDataModule):
                          frames_per_batch=frames_per_batch, num_envs=num_envs, init_random_frames=init_random_frames,
                          learning_starts=learning_starts, utd_ratio=utd_ratio, batch_size=batch_size,
                          buffer_size=buffer_size, eval_episodes=eval_episodes, eval_seed=eval_seed,
-                         eval_max_steps=eval_max_steps, video_every=video_every, video_size=video_size)
+                         eval_max_steps=eval_max_steps, video_every=video_every, video_size=video_size,
+                         n_step=n_step)
         require(bool(dataset), "data.dataset is empty: give a D4RL .hdf5 path or minari:<dataset id>")
         require(0.0 <= demo_fraction <= 1.0, f"data.demo_fraction must lie in [0, 1], got {demo_fraction}")
         require(0.0 < clip_action <= 1.0, f"data.clip_action must lie in (0, 1], got {clip_action}")
@@ -96,11 +100,11 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         self.reward_scale = reward_scale_of(dataset, reward_scale, value_gamma)
         self.split: DemoSplit = split_demos(dataset, demo_percentile=demo_percentile,
                                             demo_ratio=demo_ratio, reward_scale=self.reward_scale,
-                                            reward_bias=reward_bias, drop_timeouts=drop_timeouts)
+                                            reward_bias=reward_bias, drop_timeouts=drop_timeouts,
+                                            n_step=n_step)
+        self.stored_keys = STORED_KEYS + ((NSTEP_REWARDS, STEPS_TO_NEXT) if n_step > 1 else ())
         self.demo_buffer = None
         self._round_frames = 0  # online frames whose updates are due (all frames unless trajectories_per_round > 0)
-        # per training env: rows of its online episode in progress (for relabelling)
-        self._open_episodes: list[list[TensorDictBase]] = [[] for _ in range(num_envs)]
         self._episodes_in_round = 0
         self.relabelled_episodes = 0
 
@@ -138,10 +142,10 @@ class OfflineToOnlineDataModule(OnlineDataModule):
     def _create_buffers(self) -> None:
         hp = self.hparams
         self.buffer = self._make_buffer(hp.buffer_size, hp.batch_size - self.demo_batch)
-        self.buffer.extend(self.split.rl.select(*STORED_KEYS)[-hp.buffer_size:])  # keeps the highest returns
+        self.buffer.extend(self.split.rl.select(*self.stored_keys)[-hp.buffer_size:])  # keeps the highest returns
         capacity = max(1, int(self.split.demo.numel() * hp.demo_buffer_factor))
         self.demo_buffer = self._make_buffer(capacity, max(1, self.demo_batch), seed_offset=1)
-        self.demo_buffer.extend(self.split.demo.select(*STORED_KEYS))
+        self.demo_buffer.extend(self.split.demo.select(*self.stored_keys))
 
     def load_state_dict(self, state: dict) -> None:
         """As :meth:`OnlineDataModule.load_state_dict`; the restored frames count as a finished round."""
@@ -177,31 +181,32 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         online_updates = self.updates_done - self.hparams.pretrain_steps
         return int(self._round_frames * self.hparams.utd_ratio) - online_updates
 
-    def store(self, batch: TensorDictBase) -> None:
-        """Scale rewards of ``[num_envs, steps]`` transitions, flag ``demo = False``, add them to the RL buffer;
-        close rounds and relabel finished episodes."""
-        rows = batch.select(*TRANSITION_KEYS).clone()
+    def rows_to_store(self, batch: TensorDictBase) -> TensorDictBase:
+        """Collected transitions ``[num_envs, steps]`` with rewards scaled as the dataset's and ``demo = False``."""
+        rows = super().rows_to_store(batch).clone()
         rows[NEXT_REWARD] = rows[NEXT_REWARD] * self.reward_scale + self.hparams.reward_bias
         rows[DEMO] = torch.zeros(rows.shape, dtype=torch.bool)
-        self.buffer.extend(rows.reshape(-1))
-        for stream, open_rows in zip(rows.unbind(0), self._open_episodes, strict=True):
-            ends = torch.nonzero(stream[NEXT_DONE].reshape(-1)).reshape(-1).tolist()
-            start = 0
-            for end in ends:
-                self._finish_episode(torch.cat([*open_rows, stream[start:end + 1]]))
-                open_rows.clear()
-                start = end + 1
-            if start < stream.numel():
-                open_rows.append(stream[start:])
+        return rows
+
+    def keeps_open_episodes(self) -> bool:
+        return True  # rounds count finished episodes, and relabelling needs their rows
+
+    def store(self, batch: TensorDictBase) -> None:
+        """As :meth:`OnlineDataModule.store` (rows from :meth:`rows_to_store`); then close the round if it is
+        complete."""
+        super().store(batch)
         k = self.hparams.trajectories_per_round
         if k == 0 or self._episodes_in_round >= k:
             self._round_frames = self.frames  # every frame collected so far is online
             self._episodes_in_round = 0
 
-    def _finish_episode(self, episode: TensorDictBase) -> None:
+    def finish_episode(self, episode: TensorDictBase) -> None:
+        """As :meth:`OnlineDataModule.finish_episode`; count it in the round, and with ``relabel`` add it to the demo
+        buffer if its return reaches the demo window's mean."""
+        super().finish_episode(episode)
         self._episodes_in_round += 1
         if self.hparams.relabel and float(episode[NEXT_REWARD].sum()) >= self.split.demo_mean_episode_return:
-            relabelled = episode.clone()
+            relabelled = self.nstep_rows(episode) if self.hparams.n_step > 1 else episode.clone()
             relabelled[DEMO] = torch.ones(relabelled.numel(), dtype=torch.bool)
             self.demo_buffer.extend(relabelled)
             self.relabelled_episodes += 1

@@ -36,6 +36,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from arsq_lightning.data import buffer_files
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
+from arsq_lightning.data.nstep import nstep_transitions
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
 from arsq_lightning.envs.episodes import EpisodeRecord, EpisodeSeeds, replay_episode, sub_env_seed
 from arsq_lightning.errors import require
@@ -118,6 +119,10 @@ class OnlineDataModule(L.LightningDataModule):
         video_every: every this many evaluations, evaluation episode 0 is rendered to an MP4 file logged to the
             MLflow run under ``videos/`` (0: never; envs that cannot render are skipped with one line).
         video_size: frame height = width of the videos, in pixels.
+        n_step: steps per TD target (1: one-step). With ``n > 1`` every row carries the rewards of the next ``n``
+            steps of its episode and the observation after them (:mod:`arsq_lightning.data.nstep`; the loss discounts
+            them with its gamma); collected rows enter the buffer when their episode ends, and a checkpoint keeps
+            those of the episodes under way.
     """
 
     def __init__(self, env_id: str = "Pendulum-v1", *, seed: int | None = None, max_episode_steps: int | None = None,
@@ -125,7 +130,7 @@ class OnlineDataModule(L.LightningDataModule):
                  init_random_frames: int = 1000, learning_starts: int | None = None, utd_ratio: float = 1.0,
                  batch_size: int = 256,
                  buffer_size: int = 1_000_000, eval_episodes: int = 10, eval_seed: int = 1_000_000,
-                 eval_max_steps: int = 100_000, video_every: int = 5, video_size: int = 240):
+                 eval_max_steps: int = 100_000, video_every: int = 5, video_size: int = 240, n_step: int = 1):
         super().__init__()
         frames_per_batch = num_envs if frames_per_batch is None else frames_per_batch
         for name, value in (("num_envs", num_envs), ("frames_per_batch", frames_per_batch), ("batch_size", batch_size),
@@ -136,6 +141,7 @@ class OnlineDataModule(L.LightningDataModule):
         require(utd_ratio > 0, f"data.utd_ratio must be positive, got {utd_ratio}")
         require(buffer_size >= batch_size, f"data.buffer_size ({buffer_size}) must hold a batch ({batch_size})")
         require(init_random_frames >= 0, f"data.init_random_frames must be >= 0, got {init_random_frames}")
+        require(n_step >= 1, f"data.n_step must be >= 1, got {n_step}")
         require(video_every >= 0 and video_size >= 16,
                 f"data.video_every must be >= 0 and data.video_size >= 16, got {video_every} and {video_size}")
         self.save_hyperparameters()
@@ -156,6 +162,8 @@ class OnlineDataModule(L.LightningDataModule):
         self._collector: Collector | None = None
         self._episode_seeds: list[EpisodeSeeds] = []  # each training env's per-episode seeding
         self._episode_actions: list[list[torch.Tensor]] = []  # per training env: the actions of its episode under way
+        # per training env: stored rows of its episode under way (kept with n_step > 1 or where a subclass needs them)
+        self._open_episodes: list[list[TensorDictBase]] = [[] for _ in range(num_envs)]
         self._pending_episodes: list[EpisodeRecord] | None = None  # a checkpoint's unfinished episodes, for resume
         self._stopped_episodes: list[EpisodeRecord] | None = None  # those under way when fit ended (final checkpoint)
         self._eval_env = None
@@ -190,9 +198,10 @@ class OnlineDataModule(L.LightningDataModule):
                                         exploration_type=ExplorationType.RANDOM, track_traj_ids=False,
                                         auto_register_policy_transforms=False)
             self._episode_actions = [[] for _ in self._episode_seeds]
-            if self._pending_episodes is not None:
-                self._continue_episodes(env, self._pending_episodes)
-                self._pending_episodes = None
+            continued = self._pending_episodes is not None and self._continue_episodes(env, self._pending_episodes)
+            self._pending_episodes = None
+            if not continued:
+                self._episodes_restart()
             self._collector_iter = iter(self._collector)
         return DataLoader(UpdateTickets(), batch_size=None, collate_fn=_as_is, num_workers=0)
 
@@ -229,14 +238,24 @@ class OnlineDataModule(L.LightningDataModule):
         self._episode_seeds = [sub.transform[-1] for sub in _sub_envs(env)]
         return env
 
-    def _continue_episodes(self, env: EnvBase, records: list[EpisodeRecord]) -> None:
-        """Put the collector back into a checkpoint's unfinished episodes (one per env) by replaying their actions;
-        if an env does not reproduce its episode (not deterministic), every env starts its next episode instead,
-        with a warning."""
+    def _episodes_restart(self) -> None:
+        """Collection begins with a new episode in every env (a fresh start, or a resume that could not continue
+        the checkpoint's episodes): rows of unfinished episodes end where they were cut; with ``n_step > 1`` they
+        enter the buffer as n-step rows of a cut episode (bootstrapping from their last observation)."""
+        for rows in self._open_episodes:
+            if rows and self.hparams.n_step > 1:
+                self.buffer.extend(self.nstep_rows(torch.cat(rows)))
+        self._open_episodes = [[] for _ in range(self.hparams.num_envs)]
+
+    def _continue_episodes(self, env: EnvBase, records: list[EpisodeRecord]) -> bool:
+        """Put the collector back into a checkpoint's unfinished episodes (one per env) by replaying their actions
+        (true); if an env does not reproduce its episode (not deterministic), every env starts its next episode
+        instead, with a warning (false)."""
         carriers = [replay_episode(sub, seeds, record)
                     for sub, seeds, record in zip(_sub_envs(env), self._episode_seeds, records, strict=True)]
         self._episode_actions = [[record.actions] for record in records]
-        if any(carrier is None for carrier in carriers):
+        continued = all(carrier is not None for carrier in carriers)
+        if not continued:
             index = next(record.index for record, carrier in zip(records, carriers) if carrier is None)
             warnings.warn(f"the training env did not reproduce its unfinished episode {index} from its seed "
                           "and actions (is it deterministic?); the resumed run starts the next episode", stacklevel=2)
@@ -248,6 +267,7 @@ class OnlineDataModule(L.LightningDataModule):
         if self._collector._carrier.device is None:
             carrier.clear_device_()
         self._collector._carrier = carrier  # TorchRL's rollout state: the env output its next step starts from
+        return continued
 
     def current_episodes(self) -> list[EpisodeRecord] | None:
         """The training episode under way in each env (after fit: those it stopped in; ``None`` before collection
@@ -324,8 +344,40 @@ class OnlineDataModule(L.LightningDataModule):
         self.store(batch)
 
     def store(self, batch: TensorDictBase) -> None:
-        """Put collected transitions ``[num_envs, steps]`` into the replay buffer."""
-        self.buffer.extend(batch.reshape(-1).select(*TRANSITION_KEYS))
+        """Put collected transitions ``[num_envs, steps]`` into the replay buffer: at once, or (``n_step > 1``) as
+        n-step rows when their episode ends (:meth:`finish_episode`)."""
+        rows = self.rows_to_store(batch)
+        if self.hparams.n_step == 1:
+            self.buffer.extend(rows.reshape(-1))
+        if not self.keeps_open_episodes():
+            return
+        for stream, open_rows in zip(rows.unbind(0), self._open_episodes, strict=True):
+            ends = torch.nonzero(stream[NEXT_DONE].reshape(-1)).reshape(-1).tolist()
+            start = 0
+            for end in ends:
+                self.finish_episode(torch.cat([*open_rows, stream[start:end + 1]]))
+                open_rows.clear()
+                start = end + 1
+            if start < stream.numel():
+                open_rows.append(stream[start:])
+
+    def rows_to_store(self, batch: TensorDictBase) -> TensorDictBase:
+        """The rows ``[num_envs, steps]`` a collection adds: its transitions' keys."""
+        return batch.select(*TRANSITION_KEYS)
+
+    def keeps_open_episodes(self) -> bool:
+        """Whether stored rows wait in ``_open_episodes`` until their episode ends (n-step rows need the steps
+        after them)."""
+        return self.hparams.n_step > 1
+
+    def finish_episode(self, episode: TensorDictBase) -> None:
+        """An episode's rows ``[T]`` once it ended: with ``n_step > 1`` they enter the buffer as n-step rows."""
+        if self.hparams.n_step > 1:
+            self.buffer.extend(self.nstep_rows(episode))
+
+    def nstep_rows(self, episode: TensorDictBase) -> TensorDictBase:
+        """One episode's rows ``[T]`` (or a cut one's) as ``n_step``-step rows."""
+        return nstep_transitions(episode, self.hparams.n_step)
 
     def normalized_score(self, episode_return: float) -> float | None:
         """D4RL normalised score of a return on this task (``None`` for tasks without D4RL reference returns)."""
@@ -421,14 +473,20 @@ class OnlineDataModule(L.LightningDataModule):
         return state
 
     def _rank_state(self) -> dict:
-        """What each rank saves of its own beside its buffers: the acting RNG and the training episode under way."""
+        """What each rank saves of its own beside its buffers: the acting RNG, the training episode under way and
+        the rows of it that are not in a buffer yet."""
         episodes = self.current_episodes()
+        open_rows = []
+        for rows in self._open_episodes:
+            episode = torch.cat(rows) if rows else None
+            open_rows.append(None if episode is None else {"rows": episode.to_dict(), "length": episode.numel()})
         return {"acting_rng": self._acting_generator.get_state(),
-                "episodes": None if episodes is None else [episode.to_dict() for episode in episodes]}
+                "episodes": None if episodes is None else [episode.to_dict() for episode in episodes],
+                "open_rows": open_rows}
 
     def _restore_rank_state(self, state: dict) -> None:
-        """The acting RNG and the unfinished training episodes; those of a run with another ``num_envs`` are not
-        continued (every env starts a new episode)."""
+        """The acting RNG, the unfinished training episodes and their stored rows; the episodes of a run with
+        another ``num_envs`` are not continued (every env starts a new episode)."""
         self._acting_generator.set_state(state["acting_rng"])
         saved = state.get("episodes")
         if saved is None and state.get("episode") is not None:  # written before num_envs (one env)
@@ -438,6 +496,8 @@ class OnlineDataModule(L.LightningDataModule):
                           f"{self.hparams.num_envs}: every env starts a new episode", stacklevel=2)
             saved = None
         self._pending_episodes = None if saved is None else [EpisodeRecord.from_dict(episode) for episode in saved]
+        rows = state.get("open_rows") or [None] * self.hparams.num_envs
+        self._open_episodes = [[] if r is None else [TensorDict(r["rows"], [r["length"]])] for r in rows]
 
     def _buffers(self) -> dict[str, TensorDictReplayBuffer | None]:
         """The replay buffers a checkpoint holds, by name."""

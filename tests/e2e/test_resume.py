@@ -117,6 +117,43 @@ def test_an_env_that_does_not_replay_its_episode_starts_the_next_one(monkeypatch
     assert _saved_episode(resumed.trainer.checkpoint_callback.last_model_path)["index"] == index + 1
 
 
+NSTEP = ("--data.init_args.n_step", "3", "--data.init_args.max_episode_steps", "8")
+
+
+def test_resume_mid_episode_with_nstep_rows_continues_bit_identically(monkeypatch, tmp_path):
+    """With 3-step rows an online episode's rows enter the RL buffer when it ends (episodes of 8 steps here), so a
+    checkpoint 5 steps into an episode holds those 5 rows: the resumed run finishes the episode with them and goes on
+    as the run that never stopped."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    straight = _fit(config, tmp_path / "straight", *NSTEP)
+    data = straight.datamodule
+    online = data.buffer.storage[len(data.split.rl):len(data.buffer)]
+    assert online.numel() == 16  # two finished episodes of the 20 online frames, n-step rows
+    assert online["nstep_rewards"].shape == (16, 3) and online["steps_to_next_obs"].tolist() == ([3] * 6 + [2, 1]) * 2
+    first = _fit(config, tmp_path / "split", *NSTEP, "--trainer.max_steps", "25")
+    path = first.trainer.checkpoint_callback.last_model_path
+    assert len(first.datamodule.buffer) == len(data.split.rl)  # the 5 online rows wait for their episode's end
+    resumed = _fit(config, tmp_path / "split", *NSTEP, "--ckpt_path", path)
+    _assert_same_state(resumed, straight)
+
+
+def test_rows_of_an_episode_that_cannot_be_continued_enter_the_buffer_cut(monkeypatch, tmp_path):
+    """A resume that cannot replay the unfinished episode keeps its rows: they enter the RL buffer as n-step rows of
+    an episode cut where the checkpoint was taken."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    first = _fit(config, tmp_path / "split", *NSTEP, "--trainer.max_steps", "30")  # 10 online frames: 8 + 2
+    stored = len(first.datamodule.buffer)
+    monkeypatch.setattr("arsq_lightning.envs.episodes.episode_seed", lambda seed, episode: seed + episode + 12345)
+    with pytest.warns(UserWarning, match="did not reproduce its unfinished episode"):
+        resumed = _fit(config, tmp_path / "split", *NSTEP, "--trainer.max_steps", "32", "--ckpt_path",
+                       first.trainer.checkpoint_callback.last_model_path)
+    buffer = resumed.datamodule.buffer
+    assert len(buffer) == stored + 2
+    assert buffer.storage[stored:stored + 2]["steps_to_next_obs"].tolist() == [2, 1]
+
+
 def test_resume_with_several_envs_continues_every_envs_episode_bit_identically(monkeypatch, tmp_path):
     """Two envs side by side, stopped 3 steps into each one's first online episode: each replays its own actions
     from its own seed and the resumed run goes on as the one that never stopped. A resume with another number of

@@ -164,3 +164,18 @@ def test_every_rank_saves_and_restores_its_own_buffer_beside_the_checkpoint(tmp_
 def test_buffer_smaller_than_batch_is_rejected():
     with pytest.raises(ConfigError, match="buffer_size"):
         OnlineDataModule("Pendulum-v1", batch_size=64, buffer_size=32)
+
+
+def test_nstep_rows_of_online_episodes_enter_the_buffer_when_the_episode_ends():
+    """``n_step 3`` with episodes of 12 steps: collected rows wait until their episode ends, then enter as n-step rows
+    whose rewards are the episode's next rewards (compared with one-step rows collected alongside)."""
+    data = _data_with_collector(n_step=3, max_episode_steps=12)
+    for _ in range(3):  # 15 frames: one finished episode and 3 rows of the next
+        data.collect()
+    assert data.frames == 15 and len(data.buffer) == 12
+    rows = data.buffer.storage[:12]
+    assert rows["steps_to_next_obs"].tolist() == [3] * 10 + [2, 1]
+    rewards = rows["next", "reward"].reshape(-1)
+    torch.testing.assert_close(rows["nstep_rewards"][:10], torch.stack([rewards[t:t + 3] for t in range(10)]))
+    torch.testing.assert_close(rows["next", "observation"][:9], rows["observation"][3:])  # s_{t+3}
+    assert sum(len(part) for part in data._open_episodes[0]) == 3

@@ -127,6 +127,24 @@ def test_relabelling_adds_only_episodes_that_reach_the_demo_mean_return(hopper_f
     assert len(data.buffer) == rl_before + 9 and not data.buffer.storage[rl_before:rl_before + 9]["demo"].any()
 
 
+def test_with_nstep_rows_an_episode_enters_both_buffers_as_nstep_rows_when_it_ends(hopper_file):
+    """``n_step 3``: the dataset's rows and a finished online episode's rows (RL buffer, and the demo buffer when it is
+    relabelled) carry the next rewards of their episode; an unfinished episode's rows wait."""
+    data = _attach(OfflineToOnlineDataModule("Hopper-v5", dataset=str(hopper_file), batch_size=8, buffer_size=1000,
+                                             relabel=True, reward_scale=1.0, n_step=3))
+    data.train_dataloader()
+    assert data.buffer.storage[:len(data.buffer)]["nstep_rewards"].shape == (len(data.buffer), 3)
+    demo_before, rl_before = len(data.demo_buffer), len(data.buffer)
+    data.store(_episode(3, 1e6, done_at_end=False).unsqueeze(0))
+    assert (len(data.buffer), len(data.demo_buffer)) == (rl_before, demo_before)
+    data.store(_episode(2, 1e6).unsqueeze(0))
+    for buffer, before in ((data.buffer, rl_before), (data.demo_buffer, demo_before)):
+        added = buffer.storage[before:before + 5]
+        assert len(buffer) == before + 5 and added["steps_to_next_obs"].tolist() == [3, 3, 3, 2, 1]
+        torch.testing.assert_close(added["nstep_rewards"][3], torch.tensor([1e6, 1e6, 0.0]))
+    assert data.demo_buffer.storage[demo_before:demo_before + 5]["demo"].all()
+
+
 def test_resume_restores_both_buffers_and_keeps_updating(hopper_file):
     kwargs = dict(dataset=str(hopper_file), batch_size=8, buffer_size=1000, relabel=True, max_episode_steps=10)
     data = _attach(OfflineToOnlineDataModule("Hopper-v5", pretrain_steps=3, **kwargs))

@@ -1,8 +1,9 @@
 """ARSQ's training loss: soft Bellman regression plus the demo-only conservative term (docs/algorithm.md §3.3).
 
-``y = r + gamma * (1 - terminated) * min_k V̄_k(s')`` (truncation is not termination: only TorchRL's
-``("next", "terminated")`` stops bootstrapping), ``L_TD = sum_k mean_b (Q_k - y)^2``. The conservative term pushes
-the data bin's advantage above the others on demo-flagged samples, in the ``cql`` or ``margin`` form.
+``y = r + gamma^m * (1 - terminated) * min_k V̄_k(s')`` with ``m = 1``, or the rows' ``steps_to_next_obs`` for n-step
+rows (truncation is not termination: only TorchRL's ``("next", "terminated")`` stops bootstrapping),
+``L_TD = sum_k mean_b (Q_k - y)^2``. The conservative term pushes the data bin's advantage above the others on
+demo-flagged samples, in the ``cql`` or ``margin`` form.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
-from arsq_lightning.algos.base import Loss
+from arsq_lightning.algos.base import Loss, bootstrap_discount, td_reward
 from arsq_lightning.errors import require
-from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, NEXT_REWARD, NEXT_TERMINATED, OBSERVATION
+from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
 
 Conservative = Literal["none", "cql", "margin"]
 DemoReduction = Literal["demo_mean", "batch_mean", "sum_all"]
@@ -117,12 +118,12 @@ class ARSQLoss(Loss):
         """Returns the terms ``loss_td`` and ``loss_conservative`` (to minimise, summed) and detached diagnostics
         ``q``, ``target`` and, with ``target_bounds``, ``target_clipped`` (the share of targets the bounds clamp)."""
         q, adv, codes = critic.evaluate(batch[OBSERVATION], batch[ACTION])
-        reward = batch[NEXT_REWARD].reshape(-1).to(q.dtype)
-        not_terminal = 1.0 - batch[NEXT_TERMINATED].reshape(-1).to(q.dtype)
+        reward = td_reward(batch, self.gamma, q.dtype)  # [B]
+        discount = bootstrap_discount(batch, self.gamma, q.dtype)  # [B]: gamma^steps (1 - terminated)
         next_obs = batch[NEXT_OBSERVATION]
         double_q = self.bootstrap == "double_q"
         next_value = critic.double_q_value(next_obs) if double_q else critic.target_value(next_obs)
-        target = reward + self.gamma * not_terminal * next_value
+        target = reward + discount * next_value
         extra = {}
         if self.target_bounds is not None:
             low, high = self.target_bounds

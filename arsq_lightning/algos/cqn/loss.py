@@ -11,10 +11,10 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.base import Loss
+from arsq_lightning.algos.base import Loss, bootstrap_discount, td_reward
 from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.errors import require
-from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, NEXT_REWARD, NEXT_TERMINATED, OBSERVATION
+from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
 
 
 def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support: Tensor) -> Tensor:
@@ -103,8 +103,8 @@ class CQNLoss(Loss):
                 "model.loss fosd_weight needs a distributional head (atoms > 1)")
         logits, codes = critic.evaluate(batch[OBSERVATION], batch[ACTION])  # [B, L, D, K, A], [B, L, D]
         data_logits = at_bins(logits, codes)  # [B, L, D, A]
-        reward = batch[NEXT_REWARD].reshape(-1).to(logits.dtype)
-        discount = self.gamma * (1.0 - batch[NEXT_TERMINATED].reshape(-1).to(logits.dtype))
+        reward = td_reward(batch, self.gamma, logits.dtype)  # [B]
+        discount = bootstrap_discount(batch, self.gamma, logits.dtype)  # [B]: gamma^steps (1 - terminated)
         target, clipped = self._target(critic, batch[NEXT_OBSERVATION], reward, discount)  # [B, L, D, A]
         if head.atoms == 1:
             per_position = (data_logits - target).pow(2).squeeze(-1)  # [B, L, D]
