@@ -121,8 +121,8 @@ class OnlineDataModule(L.LightningDataModule):
         video_size: frame height = width of the videos, in pixels.
         n_step: steps per TD target (1: one-step). With ``n > 1`` every row carries the rewards of the next ``n``
             steps of its episode and the observation after them (:mod:`arsq_lightning.data.nstep`; the loss discounts
-            them with its gamma); collected rows enter the buffer when their episode ends, and a checkpoint keeps
-            those of the episodes under way.
+            them with its gamma); collected rows enter the buffer when their episode ends (so episodes must end, by
+            the task or a time limit), and a checkpoint keeps those of the episodes under way.
     """
 
     def __init__(self, env_id: str = "Pendulum-v1", *, seed: int | None = None, max_episode_steps: int | None = None,

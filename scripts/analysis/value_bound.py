@@ -1,0 +1,50 @@
+"""How far a trained ARSQ critic's values go past what any return can reach (docs/benchmark.md, twelfth round).
+
+    python scripts/analysis/value_bound.py CHECKPOINT [--dataset PATH]
+
+Rebuilds the run's dataset rows from the data module settings saved in an offline-to-online checkpoint (the file can
+be given again with ``--dataset`` if it moved) and reports, over every row of the RL buffer's dataset part, the critic's
+``Q(s, a)`` (minimum over the critics) and the target networks' value of ``s'``: mean, maximum and the share above the
+bound ``max |r| / (1 - gamma)``, with ``r`` the rewards as scaled for training (so 1 / (1 - gamma) with
+``reward_scale: max_reward``). No policy's discounted return exceeds the bound; values above it are overestimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.data.offline import OfflineToOnlineDataModule
+from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, NEXT_REWARD, OBSERVATION
+from arsq_lightning.module import ARSQModule
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--dataset", default=None, help="the dataset file, if not where the run read it")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    module = ARSQModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
+    critic = module.critic.eval()
+    if not isinstance(critic, ARSQCritic):
+        raise SystemExit("value_bound.py reads ARSQ checkpoints")
+    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    settings = {k: v for k, v in saved.items() if not k.startswith("_")}
+    if args.dataset:
+        settings["dataset"] = args.dataset
+    rows = OfflineToOnlineDataModule(**settings).split.rl
+    bound = float(rows[NEXT_REWARD].abs().max()) / (1.0 - module.loss_fn.gamma)
+    with torch.no_grad():
+        q = torch.cat([critic.evaluate(part[OBSERVATION], part[ACTION])[0].min(0).values
+                       for part in rows.split(2048)])
+        next_value = torch.cat([critic.target_value(part[NEXT_OBSERVATION]) for part in rows.split(2048)])
+    for name, values in (("Q(s, a)", q), ("target V(s')", next_value)):
+        print(f"{name:13s} mean {values.mean():7.1f}  max {values.max():7.1f}  "
+              f"share above the bound {bound:.0f}: {(values > bound).float().mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
