@@ -16,8 +16,6 @@ from arsq_lightning.keys import (
     NEXT,
     NEXT_DONE,
     NEXT_REWARD,
-    NEXT_TERMINATED,
-    NEXT_TRUNCATED,
     NSTEP_REWARDS,
     STEPS_TO_NEXT,
 )
@@ -27,7 +25,7 @@ def nstep_transitions(rows: TensorDictBase, n: int, episode: torch.Tensor | None
     """``rows`` ``[T]`` (one-step transitions, episodes contiguous and in time order) as ``n``-step rows.
 
     Args:
-        rows: TorchRL-layout transitions ``[T]``; ``("next", "done")`` (or terminated / truncated) ends an episode.
+        rows: TorchRL-layout transitions ``[T]``; ``("next", "done")`` ends an episode.
         n: steps to look ahead (1 gives one-step rows with the two keys below).
         episode: ``[T]`` episode ids; a change of id also ends an episode (``None``: episodes end by their flags).
 
@@ -38,7 +36,8 @@ def nstep_transitions(rows: TensorDictBase, n: int, episode: torch.Tensor | None
     """
     require(n >= 1, f"n-step needs n >= 1, got {n}")
     length = rows.numel()
-    ends = _episode_ends(rows)
+    ends = rows[NEXT_DONE].reshape(-1).bool()
+    ids = None if episode is None else episode.reshape(-1)
     reward = rows[NEXT_REWARD].reshape(length)
     t = torch.arange(length)
     rewards = torch.zeros(length, n, dtype=reward.dtype)
@@ -46,21 +45,15 @@ def nstep_transitions(rows: TensorDictBase, n: int, episode: torch.Tensor | None
     for j in range(n):
         index = (t + j).clamp(max=length - 1)
         ok = alive & (t + j < length)
-        if episode is not None:
-            ok &= episode.reshape(-1)[index] == episode.reshape(-1)
+        if ids is not None:
+            ok &= ids[index] == ids
         rewards[:, j] = torch.where(ok, reward[index], 0.0)
         last = torch.where(ok, index, last)
         alive = ok & ~ends[index]
-    out = rows.clone()
-    out[NEXT] = rows[NEXT][last]
+    out = rows.exclude(NEXT).clone()
+    out[NEXT] = rows[NEXT][last]  # indexing copies
     out[NEXT_REWARD] = rows[NEXT_REWARD].clone()
     out[NSTEP_REWARDS] = rewards
     out[STEPS_TO_NEXT] = last - t + 1
     return out
 
-
-def _episode_ends(rows: TensorDictBase) -> torch.Tensor:
-    """``[T]`` bool: the row's step ended its episode."""
-    if NEXT_DONE in rows.keys(True):
-        return rows[NEXT_DONE].reshape(-1).bool()
-    return rows[NEXT_TERMINATED].reshape(-1).bool() | rows[NEXT_TRUNCATED].reshape(-1).bool()

@@ -200,13 +200,14 @@ class OfflineToOnlineDataModule(OnlineDataModule):
             self._round_frames = self.frames  # every frame collected so far is online
             self._episodes_in_round = 0
 
-    def finish_episode(self, episode: TensorDictBase) -> None:
-        """As :meth:`OnlineDataModule.finish_episode`; count it in the round, and with ``relabel`` add it to the demo
-        buffer if its return reaches the demo window's mean."""
-        super().finish_episode(episode)
+    def finish_episode(self, episode: TensorDictBase) -> TensorDictBase:
+        """As :meth:`OnlineDataModule.finish_episode`; count it in the round, and with ``relabel`` add its stored rows
+        to the demo buffer if its return reaches the demo window's mean."""
+        rows = super().finish_episode(episode)
         self._episodes_in_round += 1
         if self.hparams.relabel and float(episode[NEXT_REWARD].sum()) >= self.split.demo_mean_episode_return:
-            relabelled = self.nstep_rows(episode) if self.hparams.n_step > 1 else episode.clone()
+            relabelled = rows.clone()
             relabelled[DEMO] = torch.ones(relabelled.numel(), dtype=torch.bool)
             self.demo_buffer.extend(relabelled)
             self.relabelled_episodes += 1
+        return rows

@@ -370,10 +370,14 @@ class OnlineDataModule(L.LightningDataModule):
         after them)."""
         return self.hparams.n_step > 1
 
-    def finish_episode(self, episode: TensorDictBase) -> None:
-        """An episode's rows ``[T]`` once it ended: with ``n_step > 1`` they enter the buffer as n-step rows."""
-        if self.hparams.n_step > 1:
-            self.buffer.extend(self.nstep_rows(episode))
+    def finish_episode(self, episode: TensorDictBase) -> TensorDictBase:
+        """An episode's rows ``[T]`` once it ended: with ``n_step > 1`` they enter the buffer as n-step rows.
+        Returns the rows as the buffer stores them (the episode itself with ``n_step`` 1)."""
+        if self.hparams.n_step == 1:
+            return episode
+        rows = self.nstep_rows(episode)
+        self.buffer.extend(rows)
+        return rows
 
     def nstep_rows(self, episode: TensorDictBase) -> TensorDictBase:
         """One episode's rows ``[T]`` (or a cut one's) as ``n_step``-step rows."""
