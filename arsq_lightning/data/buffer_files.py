@@ -2,10 +2,11 @@
 
 ``<checkpoint dir>/buffers/update-<N>/rank-<k>/`` holds what rank ``k`` had at update ``N``: for each buffer ``name``
 its filled rows as a memory-mapped TensorDict (``<name>/``, TorchRL's on-disk layout), and ``state.pt`` with each
-buffer's row count, write cursor and sampling RNG plus the rank's own extra state (its acting RNG). ``COMPLETE`` is
-written last: a folder without it (a kill during the save) is never read. A checkpoint stores only the folder's path
-relative to its own directory, so a moved run folder still resumes; its ``.ckpt`` stays small (the weights and the
-optimiser), whatever the buffers weigh.
+buffer's row count, write cursor and sampling RNG plus the rank's own extra state (its acting RNG); a buffer of pixel
+rows keeps its frames once (``<name>-frames/``, the rows hold frame ids: :mod:`arsq_lightning.data.frames`).
+``COMPLETE`` is written last: a folder without it (a kill during the save) is never read. A checkpoint stores only
+the folder's path relative to its own directory, so a moved run folder still resumes; its ``.ckpt`` stays small (the
+weights and the optimiser), whatever the buffers weigh.
 
 Every rank writes its own folder under the checkpoint callback's directory while Lightning gathers the checkpoint's
 state (on every rank); rank 0 then writes the ``.ckpt`` (linking the folder beside it if it goes elsewhere:
@@ -23,9 +24,11 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import TensorDictReplayBuffer
 
+from arsq_lightning.data.frames import FRAME_IDS, FrameStackStorage, with_stacks
 from arsq_lightning.errors import require
 
 COMPLETE = "COMPLETE"
+FRAMES = "-frames"  # beside a buffer of pixel rows: its frames, each once (arsq_lightning.data.frames)
 FOLDER = re.compile(r"update-(\d+)")
 
 
@@ -50,10 +53,15 @@ def save(buffers: dict[str, TensorDictReplayBuffer], folder: Path, extra: dict) 
     state = {"extra": extra, "buffers": {}}
     for name, buffer in buffers.items():
         filled = len(buffer)
-        if filled:
-            buffer.storage[:filled].memmap(folder / name, num_threads=0)
         state["buffers"][name] = {"length": filled, "writer": buffer._writer.state_dict(),
                                   "rng": buffer._rng.get_state()}
+        if filled and isinstance(buffer.storage, FrameStackStorage):  # rows with frame ids, and the frames once
+            rows, frames = buffer.storage.packed()
+            rows.memmap(folder / name, num_threads=0)
+            TensorDict({"frames": frames}, [frames.shape[0]]).memmap(folder / f"{name}{FRAMES}", num_threads=0)
+            state["buffers"][name]["frame_stack"] = buffer.storage.frame_stack
+        elif filled:
+            buffer.storage[:filled].memmap(folder / name, num_threads=0)
     torch.save(state, folder / "state.pt")
     (folder / COMPLETE).touch()
 
@@ -68,10 +76,21 @@ def _state(folder: Path) -> dict:
 
 
 def read_rows(folder: Path, name: str) -> TensorDict:
-    """Buffer ``name``'s filled rows ``[n]`` as saved in ``folder`` (in memory)."""
+    """Buffer ``name``'s filled rows ``[n]`` as saved in ``folder`` (in memory; pixel stacks rebuilt from the
+    frames)."""
     saved = _state(folder)["buffers"].get(name)
     require(saved is not None, f"no buffer {name!r} in {folder}")
-    return TensorDict.load_memmap(folder / name).clone() if saved["length"] else TensorDict(batch_size=[0])
+    if not saved["length"]:
+        return TensorDict(batch_size=[0])
+    rows = TensorDict.load_memmap(folder / name).clone()
+    if "frame_stack" not in saved:
+        return rows
+    frames = _frames(folder, name)
+    return with_stacks(rows, frames[rows[FRAME_IDS]], saved["frame_stack"])
+
+
+def _frames(folder: Path, name: str) -> torch.Tensor:
+    return TensorDict.load_memmap(folder / f"{name}{FRAMES}")["frames"].clone()
 
 
 def load(buffers: dict[str, TensorDictReplayBuffer], folder: Path) -> dict:
@@ -82,7 +101,9 @@ def load(buffers: dict[str, TensorDictReplayBuffer], folder: Path) -> dict:
         if saved is None:
             continue
         buffer.empty()
-        if saved["length"]:
+        if saved["length"] and "frame_stack" in saved and isinstance(buffer.storage, FrameStackStorage):
+            buffer.storage.load_packed(TensorDict.load_memmap(folder / name).clone(), _frames(folder, name))
+        elif saved["length"]:
             buffer.extend(read_rows(folder, name))
         buffer._writer.load_state_dict(saved["writer"])
         buffer._rng.set_state(saved["rng"])

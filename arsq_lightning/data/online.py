@@ -36,6 +36,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from arsq_lightning.data import buffer_files
 from arsq_lightning.data.d4rl import D4RL_REFERENCE_RETURNS, normalized_score, task_name
+from arsq_lightning.data.frames import FrameStackStorage
 from arsq_lightning.data.nstep import nstep_transitions
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
 from arsq_lightning.envs.episodes import EpisodeRecord, EpisodeSeeds, replay_episode, sub_env_seed
@@ -50,6 +51,7 @@ from arsq_lightning.keys import (
     NEXT_TERMINATED,
     NEXT_TRUNCATED,
     OBSERVATION,
+    PIXELS,
 )
 from arsq_lightning.policy import make_actor
 
@@ -296,9 +298,15 @@ class OnlineDataModule(L.LightningDataModule):
             self._eval_env = None
 
     def _make_buffer(self, capacity: int, batch_size: int, seed_offset: int = 0) -> TensorDictReplayBuffer:
-        """A replay buffer sampling with this rank's own generator."""
+        """A replay buffer sampling with this rank's own generator; with pixel observations it keeps each frame once
+        (:mod:`~arsq_lightning.data.frames`)."""
         generator = torch.Generator().manual_seed(self.rank_seed + seed_offset)
-        return TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=batch_size, generator=generator)
+        shapes = self.env_spec.observation_shapes
+        if shapes is not None and PIXELS in shapes:
+            storage = FrameStackStorage(capacity, frame_stack=int(self.env_kwargs.get("frame_stack", 1)))
+        else:
+            storage = LazyTensorStorage(capacity)
+        return TensorDictReplayBuffer(storage=storage, batch_size=batch_size, generator=generator)
 
     def _build_buffer(self) -> None:
         """Create the buffers, then restore a checkpoint's contents if one was loaded before they existed."""
@@ -403,7 +411,10 @@ class OnlineDataModule(L.LightningDataModule):
         rows by running them side by side."""
         episodes, width = list(range(self.hparams.eval_episodes)), self.hparams.num_envs
         groups = [episodes[i:i + width] for i in range(0, len(episodes), width)]
-        return DataLoader(groups, batch_size=None, collate_fn=self._episode_rows)
+        # a loader with its own generator: starting it draws no seed from torch's global RNG, which pixel augmentation
+        # and random warm-up actions draw from. An evaluation then changes nothing of what training draws next, and
+        # a run stopped after its own final evaluation resumes as one that did not stop (callbacks.RandomStates)
+        return DataLoader(groups, batch_size=None, collate_fn=self._episode_rows, generator=torch.Generator())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -47,6 +47,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 from torchrl.collectors import Collector
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs.utils import ExplorationType
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
@@ -54,10 +55,12 @@ from arsq_lightning.algos.arsq.head import AutoregressiveHead
 from arsq_lightning.algos.arsq.loss import ARSQLoss
 from arsq_lightning.algos.base import total_loss
 from arsq_lightning.cli import cpu_has_native_bf16
+from arsq_lightning.data.frames import FrameStackStorage
 from arsq_lightning.data.online import OnlineDataModule
 from arsq_lightning.discretizers import CoarseToFineDiscretizer
-from arsq_lightning.envs.core import EnvSpec
+from arsq_lightning.envs.core import EnvSpec, stack_frames
 from arsq_lightning.export import export_policy
+from arsq_lightning.keys import ACTION, NEXT, OBSERVATION, PIXELS, REWARD
 from arsq_lightning.module import ARSQModule, compiled_loss_terms, loss_terms
 from arsq_lightning.policy import make_actor
 from arsq_lightning.tools import (
@@ -365,6 +368,58 @@ def bench_collection(args: argparse.Namespace, device: torch.device) -> dict[str
     return {f"env_fps_{n}": rate for n, rate in rates.items()}
 
 
+@dataclass(frozen=True)
+class PixelShape:
+    """A pixel task's replay rows: ``views`` cameras of ``size`` px RGB, ``stack`` frames, episodes of ``steps``."""
+
+    views: int
+    size: int
+    stack: int
+    steps: int
+
+
+PIXEL_SHAPES = {"dmc": PixelShape(views=1, size=84, stack=3, steps=500),  # configs/dmc/cheetah_run_pixels.yaml
+                "rlbench": PixelShape(views=4, size=84, stack=8, steps=150)}  # configs/rlbench/base.yaml
+
+
+def pixel_episode(shape: PixelShape, gen: torch.Generator) -> TensorDict:
+    """One episode's rows with a new random frame every step (no two frames alike: no saving from the content)."""
+    frames = torch.randint(0, 256, (shape.steps + 1, shape.views, 3, shape.size, shape.size), generator=gen,
+                           dtype=torch.uint8)
+    stacks = stack_frames(frames, shape.stack, pixels=True)
+    return TensorDict({OBSERVATION: {PIXELS: stacks[:-1]}, ACTION: torch.rand(shape.steps, 4, generator=gen),
+                       NEXT: {OBSERVATION: {PIXELS: stacks[1:]}, REWARD: torch.zeros(shape.steps, 1)}},
+                      [shape.steps])
+
+
+def bench_replay_memory(args: argparse.Namespace) -> dict[str, float]:
+    """Bytes per stored pixel transition, stacks stored as they come against each frame once
+    (:class:`~arsq_lightning.data.frames.FrameStackStorage`), and the time to sample a batch of 256 from each;
+    prints and returns ``replay_kb_<task>`` (frames once) and ``replay_kb_stacks_<task>``."""
+    print("\n=== pixel replay memory (bytes per transition; sampling 256 rows from 2 episodes) ===")
+    print(f"{'task':>8} {'stacks KB':>10} {'frames KB':>10} {'saving':>7} {'sample ms stacks':>17} {'frames':>7}")
+    summary = {}
+    for name, shape in PIXEL_SHAPES.items():
+        gen = torch.Generator().manual_seed(args.seed)
+        episodes = [pixel_episode(shape, gen) for _ in range(2)]
+        buffers = {}
+        for kind, storage in (("stacks", LazyTensorStorage(2 * shape.steps)),
+                              ("frames", FrameStackStorage(2 * shape.steps, frame_stack=shape.stack))):
+            buffers[kind] = TensorDictReplayBuffer(storage=storage, batch_size=256,
+                                                   generator=torch.Generator().manual_seed(args.seed))
+            for episode in episodes:
+                buffers[kind].extend(episode)
+        rows = 2 * shape.steps
+        stacked = sum(t.numel() * t.element_size() for t in buffers["stacks"].storage[:rows].values(True, True))
+        kb = {"stacks": stacked / rows / 1000, "frames": buffers["frames"].storage.bytes_held() / rows / 1000}
+        samplers = {kind: buffer.sample for kind, buffer in buffers.items()}
+        times = interleaved(samplers, repeats=max(3, args.repeats // 3), warmup=args.warmup, sync=lambda: None)
+        print(f"{name:>8} {kb['stacks']:>10.1f} {kb['frames']:>10.1f} {kb['stacks'] / kb['frames']:>6.1f}x "
+              f"{times['stacks'] * 1e3:>17.2f} {times['frames'] * 1e3:>7.2f}")
+        summary.update({f"replay_kb_{name}": kb["frames"], f"replay_kb_stacks_{name}": kb["stacks"]})
+    return summary
+
+
 # --- reporting -------------------------------------------------------------------------------------------------------
 def fmt_ratio(ref: float | None, ours: float) -> str:
     return "n/a" if ref is None else f"{ref / ours:.2f}x"
@@ -482,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ENVS if args.env == "all" else [args.env]:
         summary.update(run_env(name, args, device))
     summary.update(bench_collection(args, device))
+    summary.update(bench_replay_memory(args))
     if args.solve_seeds > 0:
         print(f"\n=== time to solve Pendulum-v1 (better than {solve_race.SOLVED:.0f}): quickstart vs SB3 SAC ===")
         summary.update(solve_race.summary(solve_race.race(args.solve_seeds, args.solve_max_frames)))

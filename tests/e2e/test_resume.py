@@ -225,3 +225,29 @@ def test_buffers_live_beside_the_checkpoint_one_folder_per_save_and_a_lost_folde
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arsq: error:")]
     assert len(errors) == 1 and "its replay buffers are missing" in errors[0], errors
+
+
+def test_pixel_run_resumes_bit_identically_from_frames_kept_once(monkeypatch, tmp_path):
+    """The shipped DMC pixel config, tiny, stopped mid-episode: its buffer is saved as frame ids plus each frame
+    once, and the resumed run equals the one that never stopped (weights, buffer rows, evaluations)."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = Path(__file__).parents[2] / "configs" / "dmc" / "cheetah_run_pixels.yaml"
+    tiny = ["--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
+            "--data.init_random_frames", "16", "--data.learning_starts", "16", "--data.batch_size", "8",
+            "--data.eval_episodes", "1", "--data.max_episode_steps", "10", "--seed_everything", "2",
+            "--data.env_kwargs", '{"observation": "pixels", "image_size": 24, "frame_stack": 3, "action_repeat": 2}',
+            "--model.encoder.init_args.channels", "[4, 4]", "--model.encoder.init_args.strides", "[2, 2]",
+            "--model.encoder.init_args.feature_dim", "8", "--model.head.init_args.hidden_dims", "[16]"]
+    straight = _fit(config, tmp_path / "straight", *tiny, "--trainer.max_steps", "18")
+    first = _fit(config, tmp_path / "split", *tiny, "--trainer.max_steps", "9")
+    path = first.trainer.checkpoint_callback.last_model_path
+    folder = next(Path(path).parent.glob("buffers/update-9/rank-0"))
+    assert (folder / "replay-frames").is_dir()
+    resumed = _fit(config, tmp_path / "split", *tiny, "--trainer.max_steps", "18", "--ckpt_path", path)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    a, b = resumed.datamodule.buffer, straight.datamodule.buffer
+    assert len(a) == len(b) and (a.storage[:len(a)] == b.storage[:len(b)]).all()
+    assert len(a.storage.pool) == len(b.storage.pool)
+    after = [{step: value for step, value in _eval_returns(cli).items() if step > 9} for cli in (resumed, straight)]
+    assert after[0] == after[1] and len(after[0]) == 2  # the evaluations after updates 12 and 18
