@@ -60,8 +60,8 @@ def save(buffers: dict[str, TensorDictReplayBuffer], folder: Path, extra: dict) 
             rows.memmap(folder / name, num_threads=0)
             TensorDict({"frames": frames}, [frames.shape[0]]).memmap(folder / f"{name}{FRAMES}", num_threads=0)
             state["buffers"][name]["frame_stack"] = buffer.storage.frame_stack
-        elif filled:
-            buffer.storage[:filled].memmap(folder / name, num_threads=0)
+        elif filled:  # copy_existing: rows of a memory-mapped storage (data.buffer_dir) are copied, not moved
+            buffer.storage[:filled].memmap(folder / name, copy_existing=True, num_threads=0)
     torch.save(state, folder / "state.pt")
     (folder / COMPLETE).touch()
 

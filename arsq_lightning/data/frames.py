@@ -13,6 +13,8 @@ Shapes: ``V`` views, ``C`` channels per frame, ``k`` the frame stack.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tensordict import TensorDict, TensorDictBase, is_tensor_collection
 from torch import Tensor
@@ -61,11 +63,12 @@ class FramePool:
 
     Args:
         chunk: slots per chunk; memory grows a chunk at a time, as frames are added.
+        directory: where chunks live as memory-mapped files (``chunk-<i>.bin``); ``None``: in RAM.
     """
 
-    def __init__(self, chunk: int = 1024):
+    def __init__(self, chunk: int = 1024, directory: str | None = None):
         require(chunk >= 1, f"chunk must be >= 1, got {chunk}")
-        self.chunk = chunk
+        self.chunk, self.directory = chunk, directory
         self.chunks: list[Tensor] = []  # each [chunk, V, C, H, W]
         self.refs = torch.zeros(0, dtype=torch.int64)  # [slots]
         self.fingerprints = torch.zeros(0, dtype=torch.int64)  # [slots]
@@ -82,7 +85,7 @@ class FramePool:
         return self.chunks[0][0].numel() * self.chunks[0].element_size() if self.chunks else 0
 
     def clear(self) -> None:
-        self.__init__(self.chunk)
+        self.__init__(self.chunk, self.directory)
 
     def add(self, frames: Tensor) -> Tensor:
         """Hold one more reference to each of ``frames [n, V, C, H, W]``; returns their slots ``[n]``."""
@@ -138,7 +141,13 @@ class FramePool:
 
     def _grow(self, frame: Tensor) -> None:
         start = len(self.chunks) * self.chunk
-        self.chunks.append(torch.empty(self.chunk, *frame.shape, dtype=frame.dtype))
+        if self.directory is None:
+            chunk = torch.empty(self.chunk, *frame.shape, dtype=frame.dtype)
+        else:  # a sparse file: disk is taken as frames are written
+            path = os.path.join(self.directory, f"chunk-{len(self.chunks)}.bin")
+            chunk = torch.from_file(path, shared=True, size=self.chunk * frame.numel(), dtype=frame.dtype)
+            chunk = chunk.view(self.chunk, *frame.shape)
+        self.chunks.append(chunk)
         self.refs = torch.cat([self.refs, torch.zeros(self.chunk, dtype=torch.int64)])
         self.fingerprints = torch.cat([self.fingerprints, torch.zeros(self.chunk, dtype=torch.int64)])
         self.free.extend(range(start + self.chunk - 1, start - 1, -1))  # popped lowest first
@@ -164,15 +173,17 @@ class FrameStackStorage(LazyTensorStorage):
     Args:
         max_size: rows.
         frame_stack: ``k``, the frames in each pixel stack.
+        frame_dir: keep the frame pool in memory-mapped files in this folder (the rows, small, stay in RAM);
+            ``None``: in RAM.
     """
 
-    def __init__(self, max_size: int, frame_stack: int = 1):
+    def __init__(self, max_size: int, frame_stack: int = 1, frame_dir: str | None = None):
         super().__init__(max_size)
         require(frame_stack >= 1, f"frame_stack must be >= 1, got {frame_stack}")
         self.frame_stack = frame_stack
         # one chunk holds a full storage's frames (about one per row, plus each episode's first); pages of a chunk
         # take memory only once written, and gathering from one chunk is a single copy
-        self.pool = FramePool(chunk=max(256, max_size + max_size // 8))
+        self.pool = FramePool(chunk=max(256, max_size + max_size // 8), directory=frame_dir)
 
     def set(self, cursor, data, *, set_cursor: bool = True):
         if not (is_tensor_collection(data) and OBS_PIXELS in data.keys(True)):

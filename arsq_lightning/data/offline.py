@@ -78,13 +78,13 @@ class OfflineToOnlineDataModule(OnlineDataModule):
                  learning_starts: int | None = 1,
                  utd_ratio: float = 1.0, batch_size: int = 512, buffer_size: int = 1_000_000,
                  eval_episodes: int = 10, eval_seed: int = 1_000_000, eval_max_steps: int = 100_000,
-                 video_every: int = 5, video_size: int = 240):
+                 video_every: int = 5, video_size: int = 240, buffer_dir: str | None = None):
         super().__init__(env_id, seed=seed, max_episode_steps=max_episode_steps, env_kwargs=env_kwargs,
                          frames_per_batch=frames_per_batch, num_envs=num_envs, init_random_frames=init_random_frames,
                          learning_starts=learning_starts, utd_ratio=utd_ratio, batch_size=batch_size,
                          buffer_size=buffer_size, eval_episodes=eval_episodes, eval_seed=eval_seed,
                          eval_max_steps=eval_max_steps, video_every=video_every, video_size=video_size,
-                         n_step=n_step)
+                         n_step=n_step, buffer_dir=buffer_dir)
         require(bool(dataset), "data.dataset is empty: give a D4RL .hdf5 path or minari:<dataset id>")
         require(0.0 <= demo_fraction <= 1.0, f"data.demo_fraction must lie in [0, 1], got {demo_fraction}")
         require(0.0 < clip_action <= 1.0, f"data.clip_action must lie in (0, 1], got {clip_action}")

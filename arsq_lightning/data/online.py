@@ -15,8 +15,11 @@ critic, side by side, and arrives at the module as its result rows ``[n, len(EPI
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -30,7 +33,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs import EnvBase, SerialEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -40,7 +43,7 @@ from arsq_lightning.data.frames import FrameStackStorage
 from arsq_lightning.data.nstep import nstep_transitions
 from arsq_lightning.envs.core import EnvSpec, env_spec_of, make_env
 from arsq_lightning.envs.episodes import EpisodeRecord, EpisodeSeeds, replay_episode, sub_env_seed
-from arsq_lightning.errors import require
+from arsq_lightning.errors import ConfigError, require
 from arsq_lightning.keys import (
     ACTION,
     NEXT_DONE,
@@ -125,6 +128,9 @@ class OnlineDataModule(L.LightningDataModule):
             steps of its episode and the observation after them (:mod:`arsq_lightning.data.nstep`; the loss discounts
             them with its gamma); collected rows enter the buffer when their episode ends (so episodes must end, by
             the task or a time limit), and a checkpoint keeps those of the episodes under way.
+        buffer_dir: keep the replay buffers in memory-mapped files (TorchRL's ``LazyMemmapStorage``; for pixel
+            observations the frame pool) in a new temporary folder under this one, removed when the process ends,
+            instead of RAM. ``None``: RAM.
     """
 
     def __init__(self, env_id: str = "Pendulum-v1", *, seed: int | None = None, max_episode_steps: int | None = None,
@@ -132,7 +138,8 @@ class OnlineDataModule(L.LightningDataModule):
                  init_random_frames: int = 1000, learning_starts: int | None = None, utd_ratio: float = 1.0,
                  batch_size: int = 256,
                  buffer_size: int = 1_000_000, eval_episodes: int = 10, eval_seed: int = 1_000_000,
-                 eval_max_steps: int = 100_000, video_every: int = 5, video_size: int = 240, n_step: int = 1):
+                 eval_max_steps: int = 100_000, video_every: int = 5, video_size: int = 240, n_step: int = 1,
+                 buffer_dir: str | None = None):
         super().__init__()
         frames_per_batch = num_envs if frames_per_batch is None else frames_per_batch
         for name, value in (("num_envs", num_envs), ("frames_per_batch", frames_per_batch), ("batch_size", batch_size),
@@ -147,6 +154,8 @@ class OnlineDataModule(L.LightningDataModule):
         require(video_every >= 0 and video_size >= 16,
                 f"data.video_every must be >= 0 and data.video_size >= 16, got {video_every} and {video_size}")
         self.save_hyperparameters()
+        if buffer_dir is not None:
+            require(os.access(_made(buffer_dir), os.W_OK), f"data.buffer_dir {buffer_dir} is not writable")
         self.frames_per_batch = frames_per_batch
         self.env_kwargs = dict(env_kwargs or {})
         if max_episode_steps is not None:
@@ -302,8 +311,12 @@ class OnlineDataModule(L.LightningDataModule):
         (:mod:`~arsq_lightning.data.frames`)."""
         generator = torch.Generator().manual_seed(self.rank_seed + seed_offset)
         shapes = self.env_spec.observation_shapes
+        folder = None if self.hparams.buffer_dir is None else buffer_folder(self.hparams.buffer_dir)
         if shapes is not None and PIXELS in shapes:
-            storage = FrameStackStorage(capacity, frame_stack=int(self.env_kwargs.get("frame_stack", 1)))
+            storage = FrameStackStorage(capacity, frame_stack=int(self.env_kwargs.get("frame_stack", 1)),
+                                        frame_dir=folder)
+        elif folder is not None:
+            storage = LazyMemmapStorage(capacity, scratch_dir=folder, auto_cleanup=True)
         else:
             storage = LazyTensorStorage(capacity)
         return TensorDictReplayBuffer(storage=storage, batch_size=batch_size, generator=generator)
@@ -565,6 +578,23 @@ class OnlineDataModule(L.LightningDataModule):
             if name in saved:
                 buffer.empty()
                 _restore_buffer(buffer, saved[name])
+
+
+def _made(folder: str) -> str:
+    """``folder`` (``~`` expanded), created if missing; a folder that cannot be made is a one-line error."""
+    folder = os.path.expanduser(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"data.buffer_dir: cannot create {folder}: {error.strerror}") from None
+    return folder
+
+
+def buffer_folder(root: str) -> str:
+    """A new folder under ``root`` for one buffer's memory-mapped files, removed when the process ends."""
+    folder = tempfile.mkdtemp(prefix="arsq-buffer-", dir=_made(root))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _side_by_side(factories: list) -> EnvBase:

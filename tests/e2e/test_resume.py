@@ -10,6 +10,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from tensordict import TensorDict
+from torchrl.data import LazyMemmapStorage
 
 from arsq_lightning.cli import build_cli, main
 
@@ -81,20 +82,24 @@ def test_resume_during_pretraining_continues_bit_identically_into_the_online_pha
     assert resumed_returns == {step: straight_returns[step] for step in resumed_returns} and len(resumed_returns) >= 3
 
 
-def test_resume_mid_episode_continues_the_episode_bit_identically(monkeypatch, tmp_path):
+@pytest.mark.parametrize("memmap", [False, True], ids=["ram", "buffer_dir"])
+def test_resume_mid_episode_continues_the_episode_bit_identically(monkeypatch, tmp_path, memmap):
     """A stop 5 frames into an online episode (of 30), between two evaluations: the resumed run replays the
     episode's actions from its seed and goes on as the run that never stopped, with no prefetched batch counted or
-    lost. (The stopped run evaluates its final weights before its last checkpoint: that changes nothing either.)"""
+    lost. (The stopped run evaluates its final weights before its last checkpoint: that changes nothing either.)
+    With ``data.buffer_dir`` the buffers live in memory-mapped files, with the same result."""
     use_tmp_mlflow(monkeypatch, tmp_path)
     config = _config(tmp_path)
-    straight = _fit(config, tmp_path / "straight")
-    first = _fit(config, tmp_path / "split", "--trainer.max_steps", "25")
+    extra = ("--data.init_args.buffer_dir", str(tmp_path / "mm")) if memmap else ()
+    straight = _fit(config, tmp_path / "straight", *extra)
+    first = _fit(config, tmp_path / "split", *extra, "--trainer.max_steps", "25")
     saved = first.datamodule
     assert (saved.updates_done, saved.frames) == (25, 25 - PRETRAIN)  # one frame per online update, none ahead
     path = first.trainer.checkpoint_callback.last_model_path
     assert _saved_episode(path)["actions"].shape[0] == 25 - PRETRAIN  # mid-episode: 5 of its 30 steps taken
-    resumed = _fit(config, tmp_path / "split", "--ckpt_path", path)
+    resumed = _fit(config, tmp_path / "split", *extra, "--ckpt_path", path)
     assert resumed.datamodule.frames == UPDATES - PRETRAIN
+    assert isinstance(resumed.datamodule.buffer.storage, LazyMemmapStorage) == memmap
     _assert_same_state(resumed, straight)
     straight_returns, resumed_returns = _eval_returns(straight), _eval_returns(resumed)
     shared = set(resumed_returns) & set(straight_returns)  # the stopped run's extra evaluation at 25 is its own

@@ -174,3 +174,38 @@ def test_vector_observations_keep_the_plain_storage():
     data.setup("fit")
     data._build_buffer()
     assert type(data.buffer.storage) is LazyTensorStorage
+
+
+def test_buffer_dir_keeps_buffers_in_memory_mapped_files(tmp_path):
+    """``data.buffer_dir``: vector rows in TorchRL's memmap storage, pixel frames in memory-mapped chunk files; the
+    rows read back as a RAM buffer's."""
+    from torchrl.data import LazyMemmapStorage
+
+    from arsq_lightning.errors import ConfigError
+
+    vector = OnlineDataModule("Pendulum-v1", buffer_size=50, batch_size=4, buffer_dir=str(tmp_path / "buffers"))
+    vector.setup("fit")
+    vector._build_buffer()
+    assert isinstance(vector.buffer.storage, LazyMemmapStorage)
+    rows = TensorDict({"observation": torch.randn(10, 3), "action": torch.randn(10, 1)}, [10])
+    vector.buffer.extend(rows.clone())
+    assert (vector.buffer.storage[:10].exclude("index") == rows).all()
+    assert list((tmp_path / "buffers").glob("arsq-buffer-*/observation.memmap"))
+
+    kwargs = {**PIXEL_KWARGS, "frame_stack": 3}
+    pixel = OnlineDataModule("dmc:cheetah-run", env_kwargs=kwargs, buffer_size=60, batch_size=4,
+                             buffer_dir=str(tmp_path / "buffers"))
+    pixel.setup("fit")
+    pixel._build_buffer()
+    plain = TensorDictReplayBuffer(storage=LazyTensorStorage(60), batch_size=4)
+    for seed in range(3):
+        episode = _stream(25, 3, seed=seed, views=1)  # the storage keeps whatever frames it is given
+        pixel.buffer.extend(episode.clone())
+        plain.extend(episode.clone())
+    assert (pixel.buffer.storage[:60] == plain.storage[:60]).all()
+    chunk = next((tmp_path / "buffers").glob("arsq-buffer-*/chunk-0.bin"))
+    assert chunk.stat().st_size == pixel.buffer.storage.pool.chunk * 3 * 6 * 6
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="data.buffer_dir: cannot create"):
+        OnlineDataModule("Pendulum-v1", buffer_dir=str(tmp_path / "file" / "sub"))
