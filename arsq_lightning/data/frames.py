@@ -243,12 +243,17 @@ class FrameStackStorage(LazyTensorStorage):
         if state_dict["length"]:
             self.load_packed(TensorDict(state_dict["rows"], [state_dict["length"]]), state_dict["frames"])
 
-    def _add_frames(self, data: TensorDictBase) -> Tensor:
-        """Put the rows' frames ``[B, 2k, ...]`` into the pool; returns their slots ``[B, 2k]``."""
+    def _add_frames(self, data: TensorDictBase, rows_at_once: int = 256) -> Tensor:
+        """Put the rows' frames ``[B, 2k, ...]`` into the pool, ``rows_at_once`` rows at a time (a whole dataset's
+        frames are never copied at once); returns their slots ``[B, 2k]``."""
         require(NEXT_PIXELS in data.keys(True), "rows with pixel observations need ('next', 'observation', 'pixels')")
-        frames = torch.cat([split_stack(data[OBS_PIXELS], self.frame_stack),
-                            split_stack(data[NEXT_PIXELS], self.frame_stack)], dim=1)
-        return self.pool.add(frames.flatten(0, 1)).view(frames.shape[0], -1)
+        slots = []
+        for start in range(0, data.shape[0], rows_at_once):
+            part = data[start:start + rows_at_once]
+            frames = torch.cat([split_stack(part[OBS_PIXELS], self.frame_stack),
+                                split_stack(part[NEXT_PIXELS], self.frame_stack)], dim=1)
+            slots.append(self.pool.add(frames.flatten(0, 1)).view(frames.shape[0], -1))
+        return torch.cat(slots)
 
     def bytes_held(self) -> int:
         """Bytes of the rows held: their compact entries plus the frames they refer to (not counting slack)."""

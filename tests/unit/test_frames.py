@@ -77,8 +77,7 @@ def test_rows_read_back_as_written_through_wraparound_and_interleaved_episodes(k
 def test_a_row_costs_about_one_frame_and_empty_releases_everything():
     k = 3
     _, framed = _pair(capacity=1000, k=k)
-    for seed in range(4):
-        framed.extend(_stream(100, k, seed=seed))
+    framed.extend(torch.cat([_stream(100, k, seed=seed) for seed in range(4)]))  # one write of 400 rows
     pool = framed.storage.pool
     assert len(pool) == 4 * 101  # per episode: its 100 steps' frames and the frame after the last
     row = _stream(1, k, seed=0)[0]
