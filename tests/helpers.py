@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -93,3 +94,12 @@ def random_transitions(size: int, obs_dim: int, action_dim: int, *, terminal_rat
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
 DEVICES = ["cpu", CUDA]
+
+
+class FakeTrainer(SimpleNamespace):
+    """Just what a data module reads from a Lightning trainer (no checkpoint folder unless given: the buffers go
+    into the checkpoint)."""
+
+    checkpoint_callback = None
+    global_step = 0
+    ckpt_path = None

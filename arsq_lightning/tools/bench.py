@@ -13,7 +13,9 @@ One *update* = loss forward (``ARSQLoss``, no conservative term unless ``--conse
 Polyak update of the target head, on a random TensorDict batch in TorchRL layout. *Acting* = ``ARSQCritic.act`` on a
 batch of 1 or 16 observations, deterministic (argmax) or stochastic (Boltzmann sample). *Collection* = env frames per
 second of the training collector on Pendulum-v1 (the pendulum shape's critic acting stochastically) with 1, 4 and 8
-envs side by side (``data.num_envs``), timed interleaved too.
+envs side by side (``data.num_envs``), timed interleaved too. *Replay memory* = bytes per stored pixel transition of
+DMC- and RLBench-shaped rows with both stacks stored as they come against each frame once (``FrameStackStorage``),
+and the time to sample 256 rows from each.
 
 Every number is compared with the straightforward per-position reference measured in the same run: the compared
 variants are timed interleaved (round-robin blocks, order reversed every round) and the medians are reported, so the

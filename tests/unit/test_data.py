@@ -15,20 +15,13 @@ from arsq_lightning import ARSQModule, ConfigError, OnlineDataModule
 from arsq_lightning.callbacks import RandomStates
 from arsq_lightning.data.online import PendingBatch
 
-
-class _FakeTrainer(SimpleNamespace):
-    """Just what the data module reads from a Lightning trainer (no checkpoint folder unless given: the buffers go
-    into the checkpoint)."""
-
-    checkpoint_callback = None
-    global_step = 0
-    ckpt_path = None
+from helpers import FakeTrainer
 
 
 def _data_with_collector(**kwargs) -> OnlineDataModule:
     data = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8, buffer_size=500,
                             **kwargs)
-    data.trainer = _FakeTrainer(global_rank=0, world_size=1, lightning_module=ARSQModule(data.env_spec),
+    data.trainer = FakeTrainer(global_rank=0, world_size=1, lightning_module=ARSQModule(data.env_spec),
                                 state=SimpleNamespace(fn="fit"))
     data.setup("fit")
     data.train_dataloader()
@@ -103,13 +96,13 @@ def test_random_states_return_when_a_resumed_fit_starts_training():
     torch.manual_seed(9), np.random.seed(9), random.seed(9)  # what a fresh process would draw instead
     restored = RandomStates()
     restored.load_state_dict(saved)
-    restored.on_train_start(_FakeTrainer(global_rank=0), None)
+    restored.on_train_start(FakeTrainer(global_rank=0), None)
     got = (torch.rand(4), np.random.rand(4), np.random.randn(1), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
     assert np.array_equal(got[2], expected[2]) and got[3] == expected[3]
     other = RandomStates()
     other.load_state_dict(saved)
-    other.on_train_start(_FakeTrainer(global_rank=1), None)  # other ranks keep their own seeds
+    other.on_train_start(FakeTrainer(global_rank=1), None)  # other ranks keep their own seeds
     assert not torch.equal(torch.rand(4), expected[0])
 
 
@@ -118,7 +111,7 @@ def test_other_ranks_do_not_take_rank_zero_buffer_on_resume():
     state = data.state_dict()
 
     rank1 = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8, buffer_size=500)
-    rank1.trainer = _FakeTrainer(global_rank=1, world_size=2, state=SimpleNamespace(fn="fit"))
+    rank1.trainer = FakeTrainer(global_rank=1, world_size=2, state=SimpleNamespace(fn="fit"))
     rank1.load_state_dict(state)
     assert rank1._pending_buffer_state is None
     assert rank1.frames == state["frames"] and rank1.updates_done == state["updates_done"]
@@ -144,7 +137,7 @@ def test_every_rank_saves_and_restores_its_own_buffer_beside_the_checkpoint(tmp_
     for rank, (data, _) in enumerate(ranks):
         restored = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8,
                                     buffer_size=500)
-        restored.trainer = _FakeTrainer(global_rank=rank, world_size=2, state=SimpleNamespace(fn="fit"),
+        restored.trainer = FakeTrainer(global_rank=rank, world_size=2, state=SimpleNamespace(fn="fit"),
                                         ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
         restored.load_state_dict(ranks[0][1])  # Lightning gives every rank rank 0's state
         restored._build_buffer()
@@ -155,7 +148,7 @@ def test_every_rank_saves_and_restores_its_own_buffer_beside_the_checkpoint(tmp_
         assert torch.equal(restored._acting_generator.get_state(), data._acting_generator.get_state())
         assert torch.equal(restored.buffer.sample()["observation"], data.buffer.sample()["observation"])
     third = OnlineDataModule("Pendulum-v1", frames_per_batch=5, init_random_frames=20, batch_size=8, buffer_size=500)
-    third.trainer = _FakeTrainer(global_rank=2, world_size=3, state=SimpleNamespace(fn="fit"),
+    third.trainer = FakeTrainer(global_rank=2, world_size=3, state=SimpleNamespace(fn="fit"),
                                  ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
     third.load_state_dict(ranks[0][1])
     assert third._pending_buffer_state is None and third._frames_origin == ranks[0][1]["frames"]

@@ -10,11 +10,7 @@ import torch
 from arsq_lightning import ARSQModule, ConfigError, OnlineDataModule
 from arsq_lightning.envs.episodes import sub_env_seed
 
-
-class _FakeTrainer(SimpleNamespace):
-    checkpoint_callback = None
-    global_step = 0
-    ckpt_path = None
+from helpers import FakeTrainer
 
 
 class _RowwiseCritic(torch.nn.Module):
@@ -32,7 +28,7 @@ class _RowwiseCritic(torch.nn.Module):
 
 def _collecting(**kwargs) -> OnlineDataModule:
     data = OnlineDataModule("Pendulum-v1", init_random_frames=12, batch_size=8, buffer_size=500, **kwargs)
-    data.trainer = _FakeTrainer(global_rank=0, world_size=1, lightning_module=ARSQModule(data.env_spec),
+    data.trainer = FakeTrainer(global_rank=0, world_size=1, lightning_module=ARSQModule(data.env_spec),
                                 state=SimpleNamespace(fn="fit"))
     data.setup("fit")
     data.train_dataloader()
