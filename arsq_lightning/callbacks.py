@@ -160,20 +160,24 @@ class Preemption(Callback):
 
 
 class RandomStates(Callback):
-    """Checkpoints hold the process's global random states (torch, NumPy, Python), and a resumed fit restores them as
-    training starts, after everything it builds first: it then draws the random numbers a run that never stopped
-    would have drawn (the collector's random warm-up actions, image augmentation, ...). The data module keeps its
-    own generators' states. Rank 0's states only: other ranks keep the seeds their data module gave them."""
+    """Checkpoints hold the process's global random states (torch's, with CUDA also each device's, NumPy's and
+    Python's), and a resumed fit restores them as training starts, after everything it builds first: it then draws
+    the random numbers a run that never stopped would have drawn (the collector's random warm-up actions, image
+    augmentation, ...). The data module keeps its own generators' states. Rank 0's states only: other ranks keep the
+    seeds their data module gave them."""
 
     def __init__(self):
         self._restored: dict | None = None
 
     def state_dict(self) -> dict:
         numpy_state = np.random.get_state(legacy=False)
-        return {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                          "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
-                          "gauss": float(numpy_state["gauss"])}}
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                           "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                           "gauss": float(numpy_state["gauss"])}}
+        if torch.cuda.is_available():  # augmentation of images on a GPU draws from the device's generator
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict
@@ -183,6 +187,8 @@ class RandomStates(Callback):
         if state is None or trainer.global_rank != 0:
             return
         torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
         random.setstate(state["python"])
         saved = state["numpy"]
         np.random.set_state({"bit_generator": "MT19937", "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],

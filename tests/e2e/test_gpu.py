@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from arsq_lightning import ARSQModule
+from arsq_lightning.callbacks import RandomStates
 from arsq_lightning.cli import build_cli
 
-from helpers import QUICKSTART, TINY, use_tmp_mlflow
+from helpers import QUICKSTART, TINY, FakeTrainer, use_tmp_mlflow
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -29,3 +30,13 @@ def test_a_fit_on_the_gpu_in_bf16_with_the_compiled_update_trains_and_its_checkp
         on_gpu = cli.model.critic.act(obs.cuda(), deterministic=True).cpu()
     same = (module.act(obs, deterministic=True) == on_gpu).all(-1)
     assert int(same.sum()) >= 60  # the devices round differently: a near tie may go the other way
+
+
+def test_random_states_restore_the_cuda_generators():
+    """Image augmentation on a GPU draws from the device's generator: a resume restores it too."""
+    states = RandomStates()
+    saved = states.state_dict()
+    expected = torch.rand(4, device="cuda")
+    states.load_state_dict(saved)
+    states.on_train_start(FakeTrainer(global_rank=0), None)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
