@@ -101,7 +101,8 @@ def load(buffers: dict[str, TensorDictReplayBuffer], folder: Path) -> dict:
         if saved is None:
             continue
         buffer.empty()
-        if saved["length"] and "frame_stack" in saved and isinstance(buffer.storage, FrameStackStorage):
+        packed = "frame_stack" in saved and isinstance(buffer.storage, FrameStackStorage)
+        if saved["length"] and packed and saved["length"] <= buffer.storage.max_size:
             buffer.storage.load_packed(TensorDict.load_memmap(folder / name).clone(), _frames(folder, name))
         elif saved["length"]:
             buffer.extend(read_rows(folder, name))
