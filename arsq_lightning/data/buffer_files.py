@@ -82,11 +82,15 @@ def read_rows(folder: Path, name: str) -> TensorDict:
     require(saved is not None, f"no buffer {name!r} in {folder}")
     if not saved["length"]:
         return TensorDict(batch_size=[0])
-    rows = TensorDict.load_memmap(folder / name).clone()
+    rows = _rows(folder, name)
     if "frame_stack" not in saved:
         return rows
     frames = _frames(folder, name)
     return with_stacks(rows, frames[rows[FRAME_IDS]], saved["frame_stack"])
+
+
+def _rows(folder: Path, name: str) -> TensorDict:
+    return TensorDict.load_memmap(folder / name).clone()
 
 
 def _frames(folder: Path, name: str) -> torch.Tensor:
@@ -103,7 +107,7 @@ def load(buffers: dict[str, TensorDictReplayBuffer], folder: Path) -> dict:
         buffer.empty()
         packed = "frame_stack" in saved and isinstance(buffer.storage, FrameStackStorage)
         if saved["length"] and packed and saved["length"] <= buffer.storage.max_size:
-            buffer.storage.load_packed(TensorDict.load_memmap(folder / name).clone(), _frames(folder, name))
+            buffer.storage.load_packed(_rows(folder, name), _frames(folder, name))
         elif saved["length"]:
             buffer.extend(read_rows(folder, name))
         buffer._writer.load_state_dict(saved["writer"])

@@ -316,7 +316,7 @@ class OnlineDataModule(L.LightningDataModule):
             storage = FrameStackStorage(capacity, frame_stack=int(self.env_kwargs.get("frame_stack", 1)),
                                         frame_dir=folder)
         elif folder is not None:
-            storage = LazyMemmapStorage(capacity, scratch_dir=folder, auto_cleanup=True)
+            storage = LazyMemmapStorage(capacity, scratch_dir=folder)  # the folder goes at exit (buffer_folder)
         else:
             storage = LazyTensorStorage(capacity)
         return TensorDictReplayBuffer(storage=storage, batch_size=batch_size, generator=generator)

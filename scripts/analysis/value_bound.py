@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from saved_run import load_run
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
-from arsq_lightning.data.offline import OfflineToOnlineDataModule
 from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, NEXT_REWARD, OBSERVATION
-from arsq_lightning.module import ARSQModule
 
 
 def main() -> None:
@@ -26,16 +25,11 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--dataset", default=None, help="the dataset file, if not where the run read it")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    module = ARSQModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
-    critic = module.critic.eval()
+    module, data = load_run(args.checkpoint, args.dataset)
+    critic = module.critic
     if not isinstance(critic, ARSQCritic):
         raise SystemExit("value_bound.py reads ARSQ checkpoints")
-    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
-    settings = {k: v for k, v in saved.items() if not k.startswith("_")}
-    if args.dataset:
-        settings["dataset"] = args.dataset
-    rows = OfflineToOnlineDataModule(**settings).split.rl
+    rows = data.split.rl
     bound = float(rows[NEXT_REWARD].abs().max()) / (1.0 - module.loss_fn.gamma)
     with torch.no_grad():
         q = torch.cat([critic.evaluate(part[OBSERVATION], part[ACTION])[0].min(0).values

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from saved_run import load_run
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -29,7 +30,6 @@ from arsq_lightning.algos.arsq.critic import ARSQCritic
 from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.data.offline import OfflineToOnlineDataModule
 from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, NEXT_REWARD, OBSERVATION
-from arsq_lightning.module import ARSQModule
 from arsq_lightning.policy import make_actor
 
 
@@ -66,14 +66,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="the first steps of each episode that are compared")
     parser.add_argument("--dataset", default=None, help="the dataset file, if not where the run read it")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    module = ARSQModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
-    critic = module.critic.eval()
-    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
-    settings = {k: v for k, v in saved.items() if not k.startswith("_")}
-    if args.dataset:
-        settings["dataset"] = args.dataset
-    data = OfflineToOnlineDataModule(**settings)
+    module, data = load_run(args.checkpoint, args.dataset)
+    critic = module.critic
     gamma = module.loss_fn.gamma
     bound = float(data.split.rl[NEXT_REWARD].abs().max()) / (1.0 - gamma)
     values, returns = [], []
