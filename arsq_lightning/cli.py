@@ -83,6 +83,9 @@ TRAINER_FIXED = {"max_epochs": None, "min_epochs": None, "min_steps": None, "che
                  "reload_dataloaders_every_n_epochs": 0, "use_distributed_sampler": True, "fast_dev_run": False,
                  "accumulate_grad_batches": 1, "barebones": False, "model_registry": None, "sync_batchnorm": False,
                  "inference_mode": True, "plugins": None}
+PRECISION_HELP = ("32-true (fp32), bf16-mixed (matmuls in bf16; the normaliser, values, targets and losses in fp32) or "
+                  "another Lightning precision. Unset, it is chosen per machine: bf16-mixed on a CPU-only machine "
+                  "whose CPU has native bf16 (AVX512-BF16 / AMX), else 32-true")
 
 
 class ArsqCLI(LightningCLI):
@@ -93,6 +96,7 @@ class ArsqCLI(LightningCLI):
         parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
                                    sub_configs=True, skip=set(TRAINER_FIXED))
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser._option_string_actions["--trainer.precision"].help = PRECISION_HELP
         parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
         parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
 
@@ -315,6 +319,13 @@ def cpu_has_native_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
+def default_precision() -> str:
+    """``trainer.precision`` when a config does not set it: ``bf16-mixed`` on a CPU-only machine whose CPU runs bf16
+    natively (there it learned as fp32 did and updated about 2x faster at the paper's nets, docs/measurements.md),
+    else ``32-true`` (CPUs that emulate bf16, and CUDA machines until bf16 is measured on one)."""
+    return "bf16-mixed" if not torch.cuda.is_available() and cpu_has_native_bf16() else "32-true"
+
+
 def warn_slow_bf16(precision: str, accelerator: str) -> None:
     """One stderr line when bf16 would run on a CPU that emulates it: there it is many times slower than fp32."""
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -428,6 +439,7 @@ def _trainer_defaults() -> dict:
         "logger": {"class_path": "arsq_lightning.tracking.ResumableMLFlowLogger",
                    "init_args": {"experiment_name": "arsq", "tracking_uri": tracking_uri, "log_model": True}},
         "default_root_dir": "runs",
+        "precision": default_precision(),
         "val_check_interval": 5000,
         "max_steps": 100_000,
     }
