@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from saved_run import load_run
+from saved_run import action_value, load_run, value_bound
 
 from arsq_lightning.algos.arsq.critic import ARSQCritic
-from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, NEXT_REWARD, OBSERVATION
+from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, OBSERVATION
 
 
 def main() -> None:
@@ -30,10 +30,9 @@ def main() -> None:
     if not isinstance(critic, ARSQCritic):
         raise SystemExit("value_bound.py reads ARSQ checkpoints")
     rows = data.split.rl
-    bound = float(rows[NEXT_REWARD].abs().max()) / (1.0 - module.loss_fn.gamma)
+    bound = value_bound(data, module.loss_fn.gamma)
     with torch.no_grad():
-        q = torch.cat([critic.evaluate(part[OBSERVATION], part[ACTION])[0].min(0).values
-                       for part in rows.split(2048)])
+        q = torch.cat([action_value(critic, part[OBSERVATION], part[ACTION]) for part in rows.split(2048)])
         next_value = torch.cat([critic.target_value(part[NEXT_OBSERVATION]) for part in rows.split(2048)])
     for name, values in (("Q(s, a)", q), ("target V(s')", next_value)):
         print(f"{name:13s} mean {values.mean():7.1f}  max {values.max():7.1f}  "

@@ -22,23 +22,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from saved_run import load_run
+from saved_run import action_value, load_run, value_bound
 from torch import Tensor
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from arsq_lightning.algos.arsq.critic import ARSQCritic
-from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.data.offline import OfflineToOnlineDataModule
 from arsq_lightning.keys import ACTION, NEXT_OBSERVATION, NEXT_REWARD, OBSERVATION
 from arsq_lightning.policy import make_actor
-
-
-def action_value(critic: ARSQCritic | CQNCritic, obs: Tensor, action: Tensor) -> Tensor:
-    """``Q(s, a)`` ``[B]`` as described in the module doc."""
-    if isinstance(critic, ARSQCritic):
-        return critic.evaluate(obs, action)[0].min(0).values
-    logits, codes = critic.evaluate(obs, action)
-    return critic.head.expected_q(at_bins(logits, codes)).mean(dim=(1, 2))
 
 
 def episode_errors(data: OfflineToOnlineDataModule, critic, episode: int, gamma: float) -> tuple[Tensor, Tensor]:
@@ -69,7 +59,7 @@ def main() -> None:
     module, data = load_run(args.checkpoint, args.dataset)
     critic = module.critic
     gamma = module.loss_fn.gamma
-    bound = float(data.split.rl[NEXT_REWARD].abs().max()) / (1.0 - gamma)
+    bound = value_bound(data, gamma)
     values, returns = [], []
     with torch.no_grad():
         for episode in range(args.episodes):
