@@ -140,3 +140,33 @@ def acting_logits(critic_module, obs: Tensor, codes: Tensor, *, target: bool = F
             per_critic.append(z - alpha * torch.logsumexp(z / alpha, -1, keepdim=True))
         out.append(torch.stack(per_critic).min(0).values)
     return torch.stack(out, 1)
+
+
+def distributions(critic_module, obs: Tensor, action: Tensor, *, target: bool = False) -> tuple[Tensor, Tensor]:
+    """Reference of :meth:`ARSQCritic.evaluate_distributions` (``advantages: distributional``, uniform grids):
+    one (critic, position) at a time, mean-normalised atom logits added to a running prefix.
+
+    Returns:
+        prefix atom logits ``[C, B, N, A]`` after each position and bin scores ``[C, B, N, K]`` (each bin's expected
+        return on the support, given the data's earlier bins).
+    """
+    head = critic_module.target_head if target else critic_module.head
+    act, support, bins = head.adv_trunk.act, head.support, head.bins
+    feats = critic_module.encoder(obs)
+    codes = unit_codes(critic_module.discretizer, action)
+    flat = codes.reshape(codes.shape[0], -1)
+    rows = torch.arange(flat.shape[0])
+    prefixes, scores = [], []
+    for k in range(head.num_critics):
+        prefix = mlp(value_mlp(head, k), feats, head.value_trunk.act)  # [B, A]
+        per_prefix, per_scores = [], []
+        for i, m in enumerate(position_inputs(critic_module.discretizer, codes)):
+            z = mlp(advantage_mlp(head, k, i), torch.cat([feats, m], -1), act).view(-1, bins, support.numel())
+            a = z - z.mean(1, keepdim=True)
+            per_scores.append(torch.stack([(torch.softmax(prefix + a[:, b], -1) * support).sum(-1)
+                                           for b in range(bins)], -1))
+            prefix = prefix + a[rows, flat[:, i]]
+            per_prefix.append(prefix)
+        prefixes.append(torch.stack(per_prefix, 1))
+        scores.append(torch.stack(per_scores, 1))
+    return torch.stack(prefixes), torch.stack(scores)

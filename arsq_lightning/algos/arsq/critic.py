@@ -43,6 +43,18 @@ def mean_advantages(logits: Tensor) -> Tensor:
     return logits - mean
 
 
+def expected_value(logits: Tensor, support: Tensor) -> Tensor:
+    """Mean of the categorical distribution ``softmax(logits)`` on ``support``: ``[..., A] -> [...]``."""
+    return (logits.softmax(-1) * support).sum(-1)
+
+
+def bin_scores(prefix: Tensor, adv: Tensor, support: Tensor, present: Tensor | None = None) -> Tensor:
+    """Each bin's expected return after a prefix: ``E[softmax(prefix + A_b)]``, ``[..., A], [..., K, A] -> [..., K]``;
+    ``-inf`` where ``present`` (``[K]`` or ``[N, K]``, matching the trailing axes; ``None``: all) marks no bin."""
+    scores = expected_value(prefix.unsqueeze(-2) + adv, support)
+    return scores if present is None else scores.masked_fill(~present, float("-inf"))
+
+
 class ARSQCritic(Critic):
     """Twin auto-regressive soft-Q critic with target networks.
 
@@ -63,20 +75,27 @@ class ARSQCritic(Critic):
             normalisation, as CQN's head); ``V(s)`` is then no maximum, and the TD target is the target networks' Q
             at their own greedy action. With a small ``soft_alpha`` the soft normaliser pins the greedy bin's
             advantage at 0, so a TD error on a greedy action moves ``V(s)`` only; the mean lets it move the bin.
+            ``distributional`` (needs a head with ``atoms > 1``): the same decomposition in the atom logits of a
+            return distribution, ``logits(s, a_<=i) = V(s) + sum_{j<=i} A_j`` with mean-normalised ``A_j [A]``; every
+            prefix's distribution is fitted to the C51 target (:class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`), a
+            bin's score is the expected return of its prefix distribution (docs/algorithm.md §3.7).
     """
 
     def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *, soft_alpha: float = 0.01,
                  act_alpha: float | None = None, act_network: Literal["online", "target"] = "online",
                  compile_act: bool = False, exploration_std: float = 0.0,
-                 advantages: Literal["soft", "mean"] = "soft"):
+                 advantages: Literal["soft", "mean", "distributional"] = "soft"):
         act_alpha = soft_alpha if act_alpha is None else act_alpha
         require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
         require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
         require(exploration_std >= 0, f"exploration_std must be >= 0, got {exploration_std}")
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
-        require(advantages in ("soft", "mean"), f"advantages must be 'soft' or 'mean', got {advantages!r}")
+        require(advantages in ("soft", "mean", "distributional"),
+                f"advantages must be 'soft', 'mean' or 'distributional', got {advantages!r}")
         require(hasattr(head, "advantage_logits"), "the ARSQ critic needs an auto-regressive head such as "
                 f"AutoregressiveHead, got {type(head).__name__}: set model.critic to arsq_lightning.CQNCritic for CQN")
+        require((advantages == "distributional") == (head.atoms > 1), f"model.critic advantages {advantages!r} with a "
+                f"head of {head.atoms} atoms: 'distributional' needs model.head atoms > 1, the others atoms 1")
         super().__init__(encoder, discretizer, head)
         self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
         self.compile_act, self.exploration_std, self.advantages = compile_act, exploration_std, advantages
@@ -102,6 +121,9 @@ class ARSQCritic(Critic):
 
     def _evaluate_features(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`evaluate` from encoder features ``[B, F]``, with ``head``."""
+        if self.advantages == "distributional":
+            prefixes, scores, codes = self._distributions(features, action, head)
+            return expected_value(prefixes[:, :, -1], head.support), scores, codes
         codes = self.discretizer.encode(action)  # [B, L, D]
         # fp32 from here on, also under bf16 autocast: the normaliser, Q and everything the loss builds on them
         logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order)).float()
@@ -112,6 +134,52 @@ class ARSQCritic(Critic):
         index = flat_codes.unsqueeze(0).unsqueeze(-1).expand(adv.shape[0], -1, -1, 1)
         q = head.value(features).float() + adv.gather(-1, index).squeeze(-1).sum(-1)
         return q, adv, flat_codes
+
+    def evaluate_distributions(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return distributions of a dataset action's prefixes (``advantages: distributional``), teacher-forced.
+
+        Args:
+            obs: ``[B, ...]`` observations.
+            action: ``[B, D]`` env-space actions.
+
+        Returns:
+            atom logits ``[C, B, N, A]`` of ``V + sum_{j<=i} A_j`` after each position ``i`` (the last: the whole
+            action), bin scores ``[C, B, N, K]`` (each bin's expected return given the data's earlier bins) and the
+            codes ``[B, N]``.
+        """
+        return self._distributions(self.encoder(obs), action, self.head)
+
+    def _distributions(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        codes = self.discretizer.encode(action)  # [B, L, D]
+        logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order)).float()
+        present = None if self.discretizer.uniform_grid else self.discretizer.bin_mask  # [N, K]
+        adv = self._atom_advantages(logits, present)  # [C, B, N, K, A]
+        codes = codes.flatten(-2)  # [B, N], position i = l * D + d
+        index = codes.view(1, *codes.shape, 1, 1).expand(adv.shape[0], -1, -1, 1, adv.shape[-1])
+        value = head.value(features).float().unsqueeze(2)  # [C, B, 1, A]
+        prefixes = value + adv.gather(-2, index).squeeze(-2).cumsum(2)  # [C, B, N, A]
+        before = torch.cat([value, prefixes[:, :, :-1]], dim=2)  # the prefix each position starts from
+        return prefixes, bin_scores(before, adv, head.support, present), codes
+
+    @staticmethod
+    def _atom_advantages(logits: Tensor, present: Tensor | None) -> Tensor:
+        """Mean-normalise atom logits ``[..., K, A]`` over the bins that exist: ``present`` (``[K]`` or ``[N, K]``,
+        matching the logits' trailing axes; ``None``: all) marks them; missing bins get zeros (never chosen: their
+        scores are ``-inf``)."""
+        if present is None:
+            return logits - logits.mean(-2, keepdim=True)
+        weight = present.unsqueeze(-1).to(logits.dtype)  # [..., K, 1]
+        mean = (logits * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True)
+        return (logits - mean) * weight
+
+    @torch.no_grad()
+    def target_distribution(self, obs: Tensor) -> Tensor:
+        """``[B, ...] -> [B, A]``: the target networks' return distribution at their own greedy action, from the
+        critic whose expected value is lower, sample by sample (``advantages: distributional``)."""
+        logits = self._decode_features(self.target_head, self.encoder(obs), None, with_logits=True)[1]  # [C, B, A]
+        lowest = expected_value(logits, self.target_head.support).argmin(0)  # [B]
+        chosen = logits.gather(0, lowest.view(1, -1, 1).expand(1, -1, logits.shape[-1])).squeeze(0)
+        return chosen.softmax(-1)
 
     @torch.no_grad()
     def target_value(self, obs: Tensor) -> Tensor:
@@ -157,29 +225,47 @@ class ARSQCritic(Critic):
     def _decode_with(self, head: nn.Module, obs: Tensor, noise: Tensor | None) -> Tensor:
         return self._decode_features(head, self.encoder(obs), noise)
 
-    def _decode_features(self, head: nn.Module, features: Tensor, noise: Tensor | None) -> Tensor:
+    def _scalar_scores(self, logits: Tensor, present: Tensor | None) -> Tensor:
+        """One position's acting scores ``[C, B, K] -> [B, K]``: ``min_k`` of the ``act_alpha``-normalised
+        advantages (soft or mean), over ``act_alpha``; ``-inf`` on bins ``present [K]`` marks missing."""
+        logits = logits if present is None else logits.masked_fill(~present, float("-inf"))
+        if self.advantages == "soft":
+            return torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)
+        return (mean_advantages(logits) / self.act_alpha).amin(0)
+
+    def _decode_features(self, head: nn.Module, features: Tensor, noise: Tensor | None, *,
+                         with_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The decoded env-space actions ``[B, D]``; ``with_logits`` (distributional only) also returns the atom
+        logits ``[C, B, A]`` of each critic's distribution at the decoded action."""
         disc = self.discretizer
         cache = head.acting_cache(features)
         prefix = torch.zeros(features.shape[0], disc.action_dim, dtype=torch.float64, device=features.device)
         cond = torch.zeros(features.shape[0], disc.action_dim, device=features.device)  # unit-space midpoints m_i
+        distributional = self.advantages == "distributional"
+        dist = head.value(features).float() if distributional else None  # [C, B, A]: the decided prefix's logits
         for lvl in range(disc.levels):
             for group in head.groups:  # the dims of a group see the same conditioning (one dim each in ARSQ)
-                choices = []
+                choices, chosen_advantages = [], []
                 for dim in group:
                     position = lvl * disc.action_dim + dim
                     logits = head.position_logits(features, cond, position, cache).float()
-                    if not disc.uniform_grid:
-                        logits = logits.masked_fill(~disc.bin_mask[position], float("-inf"))
-                    # min_k of the act_alpha-normalised advantages, over act_alpha: the argmax is the greedy bin,
-                    # and the argmax after adding Gumbel noise is a sample of softmax(scores).
-                    if self.advantages == "soft":
-                        scores = torch.log_softmax(logits / self.act_alpha, dim=-1).amin(0)  # [B, K]
+                    present = None if disc.uniform_grid else disc.bin_mask[position]  # [K]
+                    if distributional:
+                        adv = self._atom_advantages(logits, present)  # [C, B, K, A]
+                        scores = (bin_scores(dist, adv, head.support, present) / self.act_alpha).amin(0)
                     else:
-                        scores = (mean_advantages(logits) / self.act_alpha).amin(0)
-                    choices.append((scores if noise is None else scores + noise[position]).argmax(-1))
+                        scores = self._scalar_scores(logits, present)
+                    # the argmax is the greedy bin, the argmax after adding Gumbel noise a sample of softmax(scores)
+                    choice = (scores if noise is None else scores + noise[position]).argmax(-1)
+                    choices.append(choice)
+                    if distributional:
+                        index = choice.view(1, -1, 1, 1).expand(adv.shape[0], -1, 1, adv.shape[-1])
+                        chosen_advantages.append(adv.gather(-2, index).squeeze(-2))  # [C, B, A]
+                for advantage in chosen_advantages:
+                    dist = dist + advantage
                 for dim, choice in zip(group, choices):
                     prefix[:, dim] = prefix[:, dim] * disc.bins_table[lvl, dim] + choice
                 midpoints = disc.midpoint(prefix, lvl + 1)  # zoom in on the group's dims
                 for dim in group:
                     cond[:, dim] = midpoints[:, dim]
-        return disc.from_unit(cond)
+        return (disc.from_unit(cond), dist) if with_logits else disc.from_unit(cond)

@@ -55,13 +55,23 @@ class AutoregressiveHead(Head):
             order).
         layer_norm: LayerNorm before every hidden activation of the value and advantage MLPs (the official networks
             have none; CQN's have it).
+        atoms: ``A``; ``1`` (official) gives scalar values and advantage logits; ``> 1`` gives atom logits of a
+            categorical return distribution on ``linspace(v_min, v_max, A)`` for the value and every (position, bin)
+            (the critic's ``advantages: distributional``): outputs gain a trailing ``[A]`` axis.
+        v_min: lower end of that support, in the units of the TD targets (after the data's reward scale).
+        v_max: upper end of that support (e.g. ``max reward / (1 - gamma)``).
     """
 
     def __init__(self, feature_dim: int, action_dim: int, levels: int, bins: int, *,
                  hidden_dims: Sequence[int] = (512, 512, 512), activation: str = "tanh", qchunk: int = -1,
                  num_critics: int = 2, out_gain: float = 0.01, groups: int | Sequence[Sequence[int]] = -1,
-                 layer_norm: bool = False):
+                 layer_norm: bool = False, atoms: int = 1, v_min: float = 0.0, v_max: float = 100.0):
         super().__init__()
+        require(atoms >= 1, f"head atoms must be >= 1, got {atoms}")
+        require(atoms == 1 or v_max > v_min, f"head v_max ({v_max}) must exceed v_min ({v_min})")
+        self.atoms = atoms
+        self.register_buffer("support", torch.linspace(v_min, v_max, atoms) if atoms > 1 else torch.zeros(1),
+                             persistent=False)
         self.groups = dim_groups(action_dim, groups)
         order = torch.empty(action_dim, dtype=torch.long)
         for rank, group in enumerate(self.groups):
@@ -78,20 +88,23 @@ class AutoregressiveHead(Head):
         self.num_positions, self.chunk, self.num_chunks = positions, chunk, positions // chunk
         members = num_critics * self.num_chunks  # member e = critic * num_chunks + chunk
         self.value_trunk = EnsembleMLP(num_critics, feature_dim, hidden_dims, activation, layer_norm)
-        self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], 1, gain=out_gain, fp32=True)
+        self.value_out = EnsembleLinear(num_critics, hidden_dims[-1], atoms, gain=out_gain, fp32=True)
         self.adv_trunk = EnsembleMLP(members, feature_dim + action_dim, hidden_dims, activation, layer_norm)
-        flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * bins), out_gain)  # one [H, S*K] per member
-        self.adv_weight = nn.Parameter(flat.view(members, -1, chunk, bins).transpose(1, 2).contiguous())  # [E, S, H, K]
-        self.adv_bias = nn.Parameter(torch.zeros(members, chunk, bins))  # [E, S, K]
+        outputs = bins * atoms  # per slot: K logits, or K x A atom logits
+        flat = orthogonal_(torch.empty(members, hidden_dims[-1], chunk * outputs), out_gain)  # one [H, S*K*A] each
+        self.adv_weight = nn.Parameter(flat.view(members, -1, chunk, outputs).transpose(1, 2).contiguous())
+        self.adv_bias = nn.Parameter(torch.zeros(members, chunk, outputs))  # [E, S, K*A]
         self.feature_dim = feature_dim
 
     def value(self, features: Tensor) -> Tensor:
-        """Soft state values of every critic: ``[B, F] -> [C, B]``."""
+        """Soft state values of every critic: ``[B, F] -> [C, B]`` (``[C, B, A]`` atom logits with atoms)."""
         x = features.unsqueeze(0).expand(self.num_critics, *features.shape)
-        return self.value_out(self.value_trunk(x)).squeeze(-1)
+        out = self.value_out(self.value_trunk(x))
+        return out.squeeze(-1) if self.atoms == 1 else out
 
     def advantage_logits(self, features: Tensor, cond: Tensor) -> Tensor:
-        """Raw logits of all positions at once (teacher forcing): ``[B, F], [B, N, D] -> [C, B, N, K]``.
+        """Raw logits of all positions at once (teacher forcing): ``[B, F], [B, N, D] -> [C, B, N, K]`` (``[C, B, N,
+        K, A]`` with atoms).
 
         Rows are laid out slot-major (``[E, S * B, ...]``) so the output layer is one batched matmul over
         ``E * S`` (member, slot) pairs, each reading only its own slot's weights. The first layer is computed in two
@@ -107,10 +120,15 @@ class AutoregressiveHead(Head):
         cond_part = torch.bmm(rows.repeat(self.num_critics, 1, 1), first.weight[:, width:])  # [E, S * B, H]
         pre = (cond_part.view(members, slots, batch, -1) + feature_part.unsqueeze(1)).view(members, slots * batch, -1)
         h = self.adv_trunk.after_first_layer(pre)  # [E, S * B, H]
-        out = fp32_affine(self.adv_bias.view(members * slots, 1, self.bins), h.view(members * slots, batch, -1),
-                          self.adv_weight.view(members * slots, -1, self.bins))  # [E * S, B, K]
-        out = out.view(self.num_critics, self.num_chunks, slots, batch, self.bins).permute(0, 3, 1, 2, 4)
-        return out.reshape(self.num_critics, batch, self.num_positions, self.bins)
+        outputs = self.bins * self.atoms
+        out = fp32_affine(self.adv_bias.view(members * slots, 1, outputs), h.view(members * slots, batch, -1),
+                          self.adv_weight.view(members * slots, -1, outputs))  # [E * S, B, K * A]
+        out = out.view(self.num_critics, self.num_chunks, slots, batch, outputs).permute(0, 3, 1, 2, 4)
+        return self._split_atoms(out.reshape(self.num_critics, batch, self.num_positions, outputs))
+
+    def _split_atoms(self, out: Tensor) -> Tensor:
+        """``[..., K * A] -> [..., K]`` (atoms 1) or ``[..., K, A]``."""
+        return out if self.atoms == 1 else out.unflatten(-1, (self.bins, self.atoms))
 
     def acting_cache(self, features: Tensor) -> dict:
         """Per-call work shared by all positions when acting: the features' part of every first layer and the
@@ -130,7 +148,7 @@ class AutoregressiveHead(Head):
         return {"chunks": chunks}
 
     def position_logits(self, features: Tensor, cond: Tensor, position: int, cache: dict | None = None) -> Tensor:
-        """Raw logits of one position (acting): ``[B, F], [B, D] -> [C, B, K]``.
+        """Raw logits of one position (acting): ``[B, F], [B, D] -> [C, B, K]`` (``[C, B, K, A]`` with atoms).
 
         ``cache`` (from :meth:`acting_cache` on the same features) saves the per-call work.
         """
@@ -143,4 +161,4 @@ class AutoregressiveHead(Head):
         for index, (bias, weight) in enumerate(weights["hidden"], start=1):
             x = trunk.activate(index, torch.baddbmm(bias, x, weight), members)
         out_bias, out_weight = weights["out"][slot]
-        return fp32_affine(out_bias, x, out_weight)
+        return self._split_atoms(fp32_affine(out_bias, x, out_weight))

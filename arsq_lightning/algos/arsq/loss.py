@@ -14,8 +14,8 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.arsq.critic import ARSQCritic
-from arsq_lightning.algos.base import Loss, bootstrap_discount, td_reward
+from arsq_lightning.algos.arsq.critic import ARSQCritic, expected_value
+from arsq_lightning.algos.base import Loss, bootstrap_discount, c51_projection, td_reward
 from arsq_lightning.errors import require
 from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
 
@@ -116,7 +116,26 @@ class ARSQLoss(Loss):
 
     def __call__(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
         """Returns the terms ``loss_td`` and ``loss_conservative`` (to minimise, summed) and detached diagnostics
-        ``q``, ``target`` and, with ``target_bounds``, ``target_clipped`` (the share of targets the bounds clamp)."""
+        ``q``, ``target`` and, with ``target_bounds`` or a distributional critic, ``target_clipped`` (the share of
+        targets the bounds or the support clip)."""
+        if critic.advantages == "distributional":
+            q, adv, codes, target, loss_td, extra = self._distributional_td(critic, batch)
+        else:
+            q, adv, codes, target, loss_td, extra = self._scalar_td(critic, batch)
+        loss_conservative = torch.zeros((), device=q.device)
+        disc = critic.discretizer
+        if self.conservative != "none" and self.demo_key in batch.keys():
+            penalty = conservative_penalty(adv, codes, batch[self.demo_key], variant=self.conservative,
+                                           temperature=self.cql_temperature, clip_min=self.clip_min,
+                                           clip_max=self.clip_max, reduction=self.demo_reduction,
+                                           valid=None if disc.uniform_grid else disc.bin_mask)
+            loss_conservative = self.conservative_weight * penalty.sum()
+        return {"loss_td": loss_td, "loss_conservative": loss_conservative, "q": q.detach().mean(),
+                "target": target.mean(), **extra}
+
+    def _scalar_td(self, critic: ARSQCritic, batch: TensorDictBase) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                               dict]:
+        """``q [C, B]``, advantages ``[C, B, N, K]``, codes ``[B, N]``, targets ``[B]``, the TD term, diagnostics."""
         q, adv, codes = critic.evaluate(batch[OBSERVATION], batch[ACTION])
         reward = td_reward(batch, self.gamma, q.dtype)  # [B]
         discount = bootstrap_discount(batch, self.gamma, q.dtype)  # [B]: gamma^steps (1 - terminated)
@@ -129,14 +148,24 @@ class ARSQLoss(Loss):
             low, high = self.target_bounds
             extra["target_clipped"] = ((target < low) | (target > high)).to(q.dtype).mean()
             target = target.clamp(low, high)
-        loss_td = self.td_weight * (q - target).pow(2).mean(-1).sum()
-        loss_conservative = torch.zeros((), device=q.device)
-        disc = critic.discretizer
-        if self.conservative != "none" and self.demo_key in batch.keys():
-            penalty = conservative_penalty(adv, codes, batch[self.demo_key], variant=self.conservative,
-                                           temperature=self.cql_temperature, clip_min=self.clip_min,
-                                           clip_max=self.clip_max, reduction=self.demo_reduction,
-                                           valid=None if disc.uniform_grid else disc.bin_mask)
-            loss_conservative = self.conservative_weight * penalty.sum()
-        return {"loss_td": loss_td, "loss_conservative": loss_conservative, "q": q.detach().mean(),
-                "target": target.mean(), **extra}
+        return q, adv, codes, target, self.td_weight * (q - target).pow(2).mean(-1).sum(), extra
+
+    def _distributional_td(self, critic: ARSQCritic, batch: TensorDictBase) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                       Tensor, dict]:
+        """As :meth:`_scalar_td` with bin scores for advantages: the TD term is the cross-entropy of every prefix's
+        return distribution ``[C, B, N, A]`` to the C51 projection of ``r + discount * Z̄(s', ā)``, summed over the
+        critics, averaged over rows and positions."""
+        require(self.bootstrap == "soft_value" and self.target_bounds is None,
+                "model.loss bootstrap double_q and target_bounds do not apply to a distributional critic")
+        prefixes, scores, codes = critic.evaluate_distributions(batch[OBSERVATION], batch[ACTION])
+        support = critic.head.support
+        reward = td_reward(batch, self.gamma, prefixes.dtype)  # [B]
+        discount = bootstrap_discount(batch, self.gamma, prefixes.dtype)
+        next_probs = critic.target_distribution(batch[NEXT_OBSERVATION])  # [B, A]
+        target_mean = reward + discount * (next_probs * support).sum(-1)
+        clipped = ((target_mean < support[0]) | (target_mean > support[-1])).to(prefixes.dtype).mean()
+        projected = c51_projection(next_probs, reward, discount, support)  # [B, A]
+        cross_entropy = -(projected.unsqueeze(1) * prefixes.log_softmax(-1)).sum(-1)  # [C, B, N]
+        q = expected_value(prefixes[:, :, -1], support)  # [C, B]
+        loss_td = self.td_weight * cross_entropy.mean((1, 2)).sum()
+        return q, scores, codes, target_mean, loss_td, {"target_clipped": clipped}

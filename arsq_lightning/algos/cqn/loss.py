@@ -11,36 +11,10 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.base import Loss, bootstrap_discount, td_reward
+from arsq_lightning.algos.base import Loss, bootstrap_discount, c51_projection, td_reward
 from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.errors import require
 from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
-
-
-def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support: Tensor) -> Tensor:
-    """Project ``r + discount * z`` with masses ``next_probs`` back onto ``support`` (C51).
-
-    Args:
-        next_probs: ``[B, ..., A]`` target distributions (each sums to 1).
-        reward, discount: ``[B]`` (``discount`` already includes ``gamma`` and ``1 - terminated``).
-        support: ``[A]`` evenly spaced atoms.
-
-    Returns:
-        ``[B, ..., A]``, each summing to 1. A shifted atom at ``b = j + f`` (``j`` integer, ``0 <= f < 1``) gives mass
-        ``1 - f`` to atom ``j`` and ``f`` to atom ``j + 1``, so a target landing exactly on an atom keeps all its
-        mass there.
-    """
-    atoms = support.numel()
-    v_min, v_max = float(support[0]), float(support[-1])
-    extra = (1,) * (next_probs.dim() - 2)
-    shifted = (reward.view(-1, *extra, 1) + discount.view(-1, *extra, 1) * support).expand_as(next_probs)
-    position = (shifted.clamp(v_min, v_max) - v_min) / (v_max - v_min) * (atoms - 1)
-    lower = position.floor().clamp(max=atoms - 2)
-    upper_share = position - lower  # in [0, 1]
-    projected = torch.zeros_like(next_probs)
-    projected.scatter_add_(-1, lower.long(), next_probs * (1.0 - upper_share))
-    projected.scatter_add_(-1, lower.long() + 1, next_probs * upper_share)
-    return projected
 
 
 def fosd_penalty(logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> Tensor:
