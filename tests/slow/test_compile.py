@@ -10,11 +10,13 @@ from arsq_lightning import ARSQCritic, AutoregressiveHead, CoarseToFineDiscretiz
 from helpers import DEVICES, random_transitions
 
 
-def test_compiled_acting_matches_eager():
+@pytest.mark.parametrize("advantages", ["soft", "distributional"])
+def test_compiled_acting_matches_eager(advantages):
     disc = CoarseToFineDiscretizer([-1.0, 0.0], [1.0, 3.0], levels=2, bins=3)
-    head = AutoregressiveHead(5, 2, 2, 3, hidden_dims=(16, 16), out_gain=1.0)
-    eager = ARSQCritic(FlattenEncoder(5), disc, head, soft_alpha=0.2)
-    compiled = ARSQCritic(FlattenEncoder(5), disc, head, soft_alpha=0.2, compile_act=True)
+    atoms = 7 if advantages == "distributional" else 1
+    head = AutoregressiveHead(5, 2, 2, 3, hidden_dims=(16, 16), out_gain=1.0, atoms=atoms, v_max=3.0)
+    eager = ARSQCritic(FlattenEncoder(5), disc, head, soft_alpha=0.2, advantages=advantages)
+    compiled = ARSQCritic(FlattenEncoder(5), disc, head, soft_alpha=0.2, compile_act=True, advantages=advantages)
     obs = torch.randn(4, 5)
     assert torch.equal(compiled.act(obs, deterministic=True), eager.act(obs, deterministic=True))
     samples = []
