@@ -3,7 +3,9 @@
 ``y = r + gamma^m * (1 - terminated) * min_k V̄_k(s')`` with ``m = 1``, or the rows' ``steps_to_next_obs`` for n-step
 rows (truncation is not termination: only TorchRL's ``("next", "terminated")`` stops bootstrapping),
 ``L_TD = sum_k mean_b (Q_k - y)^2``. The conservative term pushes the data bin's advantage above the others on
-demo-flagged samples, in the ``cql`` or ``margin`` form.
+demo-flagged samples, in the ``cql`` or ``margin`` form. With a distributional critic (§3.7) the TD term is the
+cross-entropy of every prefix's return distribution to the C51 target, and the conservative term acts on the bins'
+expected returns.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
     """Per-critic conservative term (§3.3 step 5).
 
     Args:
-        adv: soft advantages ``[C, B, N, K]``.
+        adv: soft advantages ``[C, B, N, K]`` (a distributional critic's bin scores).
         codes: dataset bins ``[B, N]``.
         demo: demo flags ``[B]`` (bool or 0/1).
         variant: ``cql`` (soft max over the other bins) or ``margin`` (mean over the other bins).
