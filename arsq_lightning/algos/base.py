@@ -75,6 +75,16 @@ def bootstrap_discount(batch: TensorDictBase, gamma: float, dtype: torch.dtype) 
     return torch.pow(gamma, batch[STEPS_TO_NEXT].reshape(-1).to(dtype)) * not_terminal
 
 
+def expected_value(logits: Tensor, support: Tensor) -> Tensor:
+    """Mean of the categorical distribution ``softmax(logits)`` on ``support``: ``[..., A] -> [...]``."""
+    return (logits.softmax(-1) * support).sum(-1)
+
+
+def outside_support(values: Tensor, support: Tensor) -> Tensor:
+    """The share of ``values`` (any shape) below ``support[0]`` or above ``support[-1]``: what C51 clips."""
+    return ((values < support[0]) | (values > support[-1])).to(values.dtype).mean()
+
+
 def c51_projection(next_probs: Tensor, reward: Tensor, discount: Tensor, support: Tensor) -> Tensor:
     """Project ``r + discount * z`` with masses ``next_probs`` back onto ``support`` (C51).
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from arsq_lightning.algos.base import Critic
+from arsq_lightning.algos.base import Critic, expected_value
 from arsq_lightning.discretizers import Discretizer, gaussian_exploration
 from arsq_lightning.errors import require
 
@@ -41,11 +41,6 @@ def mean_advantages(logits: Tensor) -> Tensor:
     present = torch.isfinite(logits)
     mean = torch.where(present, logits, 0.0).sum(-1, keepdim=True) / present.sum(-1, keepdim=True)
     return logits - mean
-
-
-def expected_value(logits: Tensor, support: Tensor) -> Tensor:
-    """Mean of the categorical distribution ``softmax(logits)`` on ``support``: ``[..., A] -> [...]``."""
-    return (logits.softmax(-1) * support).sum(-1)
 
 
 def bin_scores(prefix: Tensor, adv: Tensor, support: Tensor, present: Tensor | None = None) -> Tensor:

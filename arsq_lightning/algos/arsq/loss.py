@@ -16,8 +16,15 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.arsq.critic import ARSQCritic, expected_value
-from arsq_lightning.algos.base import Loss, bootstrap_discount, c51_projection, td_reward
+from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.base import (
+    Loss,
+    bootstrap_discount,
+    c51_projection,
+    expected_value,
+    outside_support,
+    td_reward,
+)
 from arsq_lightning.errors import require
 from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
 
@@ -165,9 +172,8 @@ class ARSQLoss(Loss):
         discount = bootstrap_discount(batch, self.gamma, prefixes.dtype)
         next_probs = critic.target_distribution(batch[NEXT_OBSERVATION])  # [B, A]
         target_mean = reward + discount * (next_probs * support).sum(-1)
-        clipped = ((target_mean < support[0]) | (target_mean > support[-1])).to(prefixes.dtype).mean()
         projected = c51_projection(next_probs, reward, discount, support)  # [B, A]
         cross_entropy = -(projected.unsqueeze(1) * prefixes.log_softmax(-1)).sum(-1)  # [C, B, N]
         q = expected_value(prefixes[:, :, -1], support)  # [C, B]
         loss_td = self.td_weight * cross_entropy.mean((1, 2)).sum()
-        return q, scores, codes, target_mean, loss_td, {"target_clipped": clipped}
+        return q, scores, codes, target_mean, loss_td, {"target_clipped": outside_support(target_mean, support)}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from arsq_lightning.algos.base import Head
+from arsq_lightning.algos.base import Head, expected_value
 from arsq_lightning.errors import require
 from arsq_lightning.nets.layers import fp32_linear
 
@@ -92,4 +92,4 @@ class CQNHead(Head):
         ``A = 1``)."""
         if self.atoms == 1:
             return logits.squeeze(-1)
-        return (logits.softmax(-1) * self.support).sum(-1)
+        return expected_value(logits, self.support)

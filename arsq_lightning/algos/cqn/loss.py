@@ -11,7 +11,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.base import Loss, bootstrap_discount, c51_projection, td_reward
+from arsq_lightning.algos.base import Loss, bootstrap_discount, c51_projection, outside_support, td_reward
 from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.errors import require
 from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
@@ -104,8 +104,7 @@ class CQNLoss(Loss):
             return reward.view(-1, 1, 1, 1) + discount.view(-1, 1, 1, 1) * chosen, torch.zeros((), device=reward.device)
         support, probs = critic.head.support, chosen.softmax(-1)
         expected = reward.view(-1, 1, 1) + discount.view(-1, 1, 1) * (probs * support).sum(-1)
-        clipped = ((expected < support[0]) | (expected > support[-1])).to(reward.dtype).mean()
-        return c51_projection(probs, reward, discount, support), clipped
+        return c51_projection(probs, reward, discount, support), outside_support(expected, support)
 
     def _demo_terms(self, logits: Tensor, q: Tensor, codes: Tensor, batch: TensorDictBase,
                     valid: Tensor | None) -> tuple[Tensor, Tensor]:
