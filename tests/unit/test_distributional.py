@@ -20,12 +20,14 @@ ATOMS = 7
 
 
 def make_critic(*, num_critics: int = 2, qchunk: int = -1, act_network: str = "online", action_dim: int = 2,
-                levels: int = 2, bins: int = 3, disc: CoarseToFineDiscretizer | None = None) -> ARSQCritic:
+                levels: int = 2, bins: int = 3, disc: CoarseToFineDiscretizer | None = None,
+                groups: int | list[list[int]] = -1) -> ARSQCritic:
     """A tiny distributional critic with random weights (output gain 1 so the distributions are far from uniform);
     the target head differs from the online one."""
     disc = disc or CoarseToFineDiscretizer([-1.0] * action_dim, [1.0] * action_dim, levels=levels, bins=bins)
     head = AutoregressiveHead(OBS, disc.action_dim, disc.levels, disc.bins, hidden_dims=(16, 16), qchunk=qchunk,
-                              num_critics=num_critics, out_gain=1.0, atoms=ATOMS, v_min=-3.0, v_max=9.0)
+                              num_critics=num_critics, out_gain=1.0, atoms=ATOMS, v_min=-3.0, v_max=9.0,
+                              groups=groups)
     critic = ARSQCritic(FlattenEncoder(OBS), disc, head, soft_alpha=0.1, act_network=act_network,
                         advantages="distributional")
     with torch.no_grad():
@@ -79,6 +81,25 @@ def test_greedy_decode_maximises_the_min_over_twins_of_the_scores(act_network):
     _, scores = reference.distributions(critic, obs, action, target=act_network == "target")  # teacher forced
     codes = critic.discretizer.encode(action).flatten(-2)
     assert torch.equal(scores.min(0).values.argmax(-1), codes)
+
+
+@pytest.mark.parametrize("groups", [1, [[2], [0, 1]]])
+def test_grouped_decode_scores_each_dim_after_the_ones_decided_before_it(groups):
+    """Dims decided in groups (and out of index order): the decode adds each chosen bin to the prefix before scoring
+    the next dim, as teacher forcing does in decision order, so the greedy codes are the argmax of the teacher-forced
+    min-over-twins scores, and the decoded distribution is the last prefix (the whole action)."""
+    torch.manual_seed(6)
+    critic = make_critic(action_dim=3, groups=groups)
+    obs = torch.randn(48, OBS)
+    action, logits = critic._decode_features(critic.head, critic.encoder(obs), None, with_logits=True)
+    prefixes, scores, codes = critic.evaluate_distributions(obs, action)
+    assert torch.equal(scores.amin(0).argmax(-1), codes)
+    torch.testing.assert_close(prefixes[:, :, -1].log_softmax(-1), logits.log_softmax(-1), atol=1e-5, rtol=1e-5)
+    whole = critic.head.value(obs).float() + sum(
+        critic._atom_advantages(critic.head.advantage_logits(
+            obs, critic.discretizer.conditioning(critic.discretizer.encode(action), critic.head.order)).float(),
+            None)[:, torch.arange(48), i, codes[:, i]] for i in range(codes.shape[1]))
+    torch.testing.assert_close(prefixes[:, :, -1], whole, atol=1e-5, rtol=1e-5)
 
 
 def test_target_distribution_is_the_lower_critics_distribution_at_the_target_greedy_action():

@@ -138,9 +138,10 @@ class ARSQCritic(Critic):
             action: ``[B, D]`` env-space actions.
 
         Returns:
-            atom logits ``[C, B, N, A]`` of ``V + sum_{j<=i} A_j`` after each position ``i`` (the last: the whole
-            action), bin scores ``[C, B, N, K]`` (each bin's expected return given the data's earlier bins) and the
-            codes ``[B, N]``.
+            atom logits ``[C, B, N, A]`` of ``V + sum A_j`` over the positions decided so far, after each decision in
+            decision order (level by level, group by group, a group's dims in its listed order; the last: the whole
+            action), bin scores ``[C, B, N, K]`` by position ``i = l * D + d`` (each bin's expected return given the
+            data's bins decided before it) and the codes ``[B, N]``.
         """
         return self._distributions(self.encoder(obs), action, self.head)
 
@@ -152,9 +153,19 @@ class ARSQCritic(Critic):
         codes = codes.flatten(-2)  # [B, N], position i = l * D + d
         index = codes.view(1, *codes.shape, 1, 1).expand(adv.shape[0], -1, -1, 1, adv.shape[-1])
         value = head.value(features).float().unsqueeze(2)  # [C, B, 1, A]
-        prefixes = value + adv.gather(-2, index).squeeze(-2).cumsum(2)  # [C, B, N, A]
-        before = torch.cat([value, prefixes[:, :, :-1]], dim=2)  # the prefix each position starts from
+        chosen = adv.gather(-2, index).squeeze(-2)  # [C, B, N, A]
+        order = None if head.order is None else self._decision_order(head)  # [N]: positions in decision order
+        prefixes = value + (chosen if order is None else chosen[:, :, order]).cumsum(2)  # [C, B, N, A]
+        before = torch.cat([value, prefixes[:, :, :-1]], dim=2)  # the prefix each decision starts from
+        if order is not None:
+            before = before[:, :, torch.argsort(order)]  # back to position order
         return prefixes, bin_scores(before, adv, head.support, present), codes
+
+    def _decision_order(self, head: nn.Module) -> Tensor:
+        """Positions ``l * D + d`` in the order a grouped head decides them ``[N]`` (as :meth:`_decode_features`)."""
+        dims = self.discretizer.action_dim
+        return torch.tensor([lvl * dims + dim for lvl in range(self.discretizer.levels)
+                             for group in head.groups for dim in group], device=head.support.device)
 
     @staticmethod
     def _atom_advantages(logits: Tensor, present: Tensor | None) -> Tensor:
@@ -240,7 +251,7 @@ class ARSQCritic(Critic):
         dist = head.value(features).float() if distributional else None  # [C, B, A]: the decided prefix's logits
         for lvl in range(disc.levels):
             for group in head.groups:  # the dims of a group see the same conditioning (one dim each in ARSQ)
-                choices, chosen_advantages = [], []
+                choices = []
                 for dim in group:
                     position = lvl * disc.action_dim + dim
                     logits = head.position_logits(features, cond, position, cache).float()
@@ -253,11 +264,9 @@ class ARSQCritic(Critic):
                     # the argmax is the greedy bin, the argmax after adding Gumbel noise a sample of softmax(scores)
                     choice = (scores if noise is None else scores + noise[position]).argmax(-1)
                     choices.append(choice)
-                    if distributional:
+                    if distributional:  # the next dim of the group is scored after this one, as in teacher forcing
                         index = choice.view(1, -1, 1, 1).expand(adv.shape[0], -1, 1, adv.shape[-1])
-                        chosen_advantages.append(adv.gather(-2, index).squeeze(-2))  # [C, B, A]
-                for advantage in chosen_advantages:
-                    dist = dist + advantage
+                        dist = dist + adv.gather(-2, index).squeeze(-2)  # [C, B, A]
                 for dim, choice in zip(group, choices):
                     prefix[:, dim] = prefix[:, dim] * disc.bins_table[lvl, dim] + choice
                 midpoints = disc.midpoint(prefix, lvl + 1)  # zoom in on the group's dims
