@@ -3,8 +3,8 @@
 For every task it makes the dataset if it is missing (``arsq-demos``: 120 episodes of 150 steps, the
 scripted expert with Gaussian action noise 0.1 / 0.3 / 0.5 / 0.8 / 1.2 plus 20 uniformly random episodes,
 Meta-World's dense reward), trains ``configs/metaworld/from_dataset.yaml`` (ARSQ) and
-``configs/metaworld/from_dataset_cqn.yaml`` (CQN) on it (``--methods ARSQ-dist`` adds
-``configs/metaworld/from_dataset_distributional.yaml``) with ``arsq-compare`` (one comparison over every task,
+``configs/metaworld/from_dataset_cqn.yaml`` (CQN) on it (``--methods ARSQ-scalar`` adds
+``configs/metaworld/from_dataset_scalar.yaml``) with ``arsq-compare`` (one comparison over every task,
 so ``--parallel`` keeps every slot busy), then writes ``benchmark.md`` (per task: the data's success rate and mean
 return, the random episodes' mean return, and per method the greedy success rate at the end of pretraining and at
 the end, and the final return, mean ± std over seeds) and ``benchmark.png`` (success-rate curves per task).
@@ -28,7 +28,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 METHODS = {"ARSQ": "metaworld/from_dataset", "CQN": "metaworld/from_dataset_cqn",
-           "ARSQ-dist": "metaworld/from_dataset_distributional"}  # shipped configs, by name
+           "ARSQ-scalar": "metaworld/from_dataset_scalar"}  # shipped configs, by name
 MIXTURE = ["--episodes", "120", "--random-episodes", "20", "--noise", "0.1", "0.3", "0.5", "0.8", "1.2",
            "--reward", "dense", "--max-episode-steps", "150", "--seed", "100"]
 SUCCESS = "eval/success_rate"
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", required=True, help="Meta-World tasks without -v3, e.g. push reach")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["ARSQ", "CQN"],
-                   help="ARSQ-dist: ARSQ with distributional values (docs/algorithm.md §3.7)")
+                   help="ARSQ-scalar: ARSQ with scalar values, the recipe before the distributional one")
     p.add_argument("--data-dir", default="datasets/metaworld", help="where the datasets are (made if missing)")
     p.add_argument("--out", default="results/benchmark")
     p.add_argument("--parallel", type=int, default=2)
