@@ -154,18 +154,12 @@ class ARSQCritic(Critic):
         index = codes.view(1, *codes.shape, 1, 1).expand(adv.shape[0], -1, -1, 1, adv.shape[-1])
         value = head.value(features).float().unsqueeze(2)  # [C, B, 1, A]
         chosen = adv.gather(-2, index).squeeze(-2)  # [C, B, N, A]
-        order = None if head.order is None else self._decision_order(head)  # [N]: positions in decision order
+        order = head.decision_order  # [N]: positions in decision order (None: index order)
         prefixes = value + (chosen if order is None else chosen[:, :, order]).cumsum(2)  # [C, B, N, A]
         before = torch.cat([value, prefixes[:, :, :-1]], dim=2)  # the prefix each decision starts from
         if order is not None:
             before = before[:, :, torch.argsort(order)]  # back to position order
         return prefixes, bin_scores(before, adv, head.support, present), codes
-
-    def _decision_order(self, head: nn.Module) -> Tensor:
-        """Positions ``l * D + d`` in the order a grouped head decides them ``[N]`` (as :meth:`_decode_features`)."""
-        dims = self.discretizer.action_dim
-        return torch.tensor([lvl * dims + dim for lvl in range(self.discretizer.levels)
-                             for group in head.groups for dim in group], device=head.support.device)
 
     @staticmethod
     def _atom_advantages(logits: Tensor, present: Tensor | None) -> Tensor:

@@ -78,6 +78,10 @@ class AutoregressiveHead(Head):
             order[group] = rank
         # None keeps the plain one-dim-at-a-time order (no per-call depth table); else the rank of each dim's group.
         self.register_buffer("order", None if order.equal(torch.arange(action_dim)) else order, persistent=False)
+        # None in the plain order; else the positions l * D + d in the order the groups decide them (level by level)
+        decided = torch.tensor([lvl * action_dim + dim for lvl in range(levels)
+                                for group in self.groups for dim in group])
+        self.register_buffer("decision_order", None if self.order is None else decided, persistent=False)
         positions = levels * action_dim
         chunk = positions if qchunk == -1 else qchunk
         require(chunk >= 1 and positions % chunk == 0,
