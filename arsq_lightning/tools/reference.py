@@ -142,13 +142,15 @@ def acting_logits(critic_module, obs: Tensor, codes: Tensor, *, target: bool = F
     return torch.stack(out, 1)
 
 
-def distributions(critic_module, obs: Tensor, action: Tensor, *, target: bool = False) -> tuple[Tensor, Tensor]:
+def distributions(critic_module, obs: Tensor, action: Tensor, *,
+                  target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of :meth:`ARSQCritic.evaluate_distributions` (``advantages: distributional``, uniform grids):
     one (critic, position) at a time, mean-normalised atom logits added to a running prefix.
 
     Returns:
-        prefix atom logits ``[C, B, N, A]`` after each position and bin scores ``[C, B, N, K]`` (each bin's expected
-        return on the support, given the data's earlier bins).
+        prefix atom logits ``[C, B, N, A]`` after each position, bin scores ``[C, B, N, K]`` (each bin's expected
+        return on the support, given the data's earlier bins) and those bins' return distributions
+        ``[C, B, N, K, A]`` (probabilities).
     """
     head = critic_module.target_head if target else critic_module.head
     act, support, bins = head.adv_trunk.act, head.support, head.bins
@@ -156,17 +158,19 @@ def distributions(critic_module, obs: Tensor, action: Tensor, *, target: bool = 
     codes = unit_codes(critic_module.discretizer, action)
     flat = codes.reshape(codes.shape[0], -1)
     rows = torch.arange(flat.shape[0])
-    prefixes, scores = [], []
+    prefixes, scores, bin_probs = [], [], []
     for k in range(head.num_critics):
         prefix = mlp(value_mlp(head, k), feats, head.value_trunk.act)  # [B, A]
-        per_prefix, per_scores = [], []
+        per_prefix, per_scores, per_bins = [], [], []
         for i, m in enumerate(position_inputs(critic_module.discretizer, codes)):
             z = mlp(advantage_mlp(head, k, i), torch.cat([feats, m], -1), act).view(-1, bins, support.numel())
             a = z - z.mean(1, keepdim=True)
-            per_scores.append(torch.stack([(torch.softmax(prefix + a[:, b], -1) * support).sum(-1)
-                                           for b in range(bins)], -1))
+            probs = torch.stack([torch.softmax(prefix + a[:, b], -1) for b in range(bins)], 1)  # [B, K, A]
+            per_bins.append(probs)
+            per_scores.append((probs * support).sum(-1))
             prefix = prefix + a[rows, flat[:, i]]
             per_prefix.append(prefix)
         prefixes.append(torch.stack(per_prefix, 1))
         scores.append(torch.stack(per_scores, 1))
-    return torch.stack(prefixes), torch.stack(scores)
+        bin_probs.append(torch.stack(per_bins, 1))
+    return torch.stack(prefixes), torch.stack(scores), torch.stack(bin_probs)

@@ -48,7 +48,7 @@ def test_prefix_distributions_and_scores_match_reference(num_critics, qchunk):
     critic = make_critic(num_critics=num_critics, qchunk=qchunk)
     obs, action = torch.randn(6, OBS), random_actions(critic, 6)
     prefixes, scores, codes = critic.evaluate_distributions(obs, action)
-    ref_prefixes, ref_scores = reference.distributions(critic, obs, action)
+    ref_prefixes, ref_scores, ref_bins = reference.distributions(critic, obs, action)
     # logits are defined up to a constant per distribution: compare log-probabilities
     torch.testing.assert_close(prefixes.log_softmax(-1), ref_prefixes.log_softmax(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
@@ -56,6 +56,8 @@ def test_prefix_distributions_and_scores_match_reference(num_critics, qchunk):
     expected_q = (ref_prefixes[:, :, -1].softmax(-1) * critic.head.support).sum(-1)
     torch.testing.assert_close(q, expected_q, atol=1e-5, rtol=1e-5)
     assert torch.equal(evaluated_scores, scores)
+    _, bins, _ = critic.evaluate_bin_distributions(obs, action)
+    torch.testing.assert_close(bins.softmax(-1), ref_bins, atol=1e-5, rtol=1e-5)
 
 
 def test_advantages_are_mean_normalised_over_bins():
@@ -78,7 +80,7 @@ def test_greedy_decode_maximises_the_min_over_twins_of_the_scores(act_network):
     critic = make_critic(act_network=act_network)
     obs = torch.randn(32, OBS)
     action = critic.act(obs, deterministic=True)
-    _, scores = reference.distributions(critic, obs, action, target=act_network == "target")  # teacher forced
+    _, scores, _ = reference.distributions(critic, obs, action, target=act_network == "target")  # teacher forced
     codes = critic.discretizer.encode(action).flatten(-2)
     assert torch.equal(scores.min(0).values.argmax(-1), codes)
 
@@ -102,17 +104,22 @@ def test_grouped_decode_scores_each_dim_after_the_ones_decided_before_it(groups)
     torch.testing.assert_close(prefixes[:, :, -1], whole, atol=1e-5, rtol=1e-5)
 
 
-def test_target_distribution_is_the_lower_critics_distribution_at_the_target_greedy_action():
+@pytest.mark.parametrize("online_choice", [False, True])
+def test_target_distribution_is_the_lower_target_critics_distribution_at_the_chosen_greedy_action(online_choice):
+    """Without ``online_choice`` the target networks choose the next action, with it the online ones (double Q);
+    the target networks' distribution at that action, from the twin whose expected return is lower, is returned."""
     torch.manual_seed(3)
     critic = make_critic(act_network="online")
     obs = torch.randn(16, OBS)
-    probs = critic.target_distribution(obs)
-    greedy = critic._decode_features(critic.target_head, critic.encoder(obs), None)
+    probs = critic.target_distribution(obs, online_choice=online_choice)
+    greedy = critic._decode_features(critic.head if online_choice else critic.target_head, critic.encoder(obs), None)
     final = reference.distributions(critic, obs, greedy, target=True)[0][:, :, -1].softmax(-1)  # [C, B, A]
     means = (final * critic.head.support).sum(-1)
     expected = final[means.argmin(0), torch.arange(16)]
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
     assert not torch.equal(means[0], means[1])  # the twins differ, so the choice is tested
+    other = critic._decode_features(critic.target_head if online_choice else critic.head, critic.encoder(obs), None)
+    assert not torch.equal(greedy, other)  # the online and target networks choose differently somewhere
 
 
 def c51_by_loop(probs: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor, support: torch.Tensor):
@@ -135,20 +142,21 @@ def make_batch(critic: ARSQCritic, size: int = 8) -> TensorDict:
                                 "terminated": (torch.arange(size) == 1).view(-1, 1)}}, batch_size=[size])
 
 
-@pytest.mark.parametrize("reduction", ["demo_mean", "batch_mean"])
-def test_loss_matches_a_loop_rederivation(reduction):
+@pytest.mark.parametrize("reduction, bootstrap", [("demo_mean", "soft_value"), ("batch_mean", "soft_value"),
+                                                  ("demo_mean", "double_q")])
+def test_loss_matches_a_loop_rederivation(reduction, bootstrap):
     torch.manual_seed(4)
     critic = make_critic()
     batch = make_batch(critic)
-    gamma, clip_min, weight = 0.9, -0.2, 0.7
+    gamma, clip_min, weight, fosd_weight = 0.9, -0.2, 0.7, 0.3
     loss = ARSQLoss(gamma=gamma, td_weight=0.5, conservative="margin", conservative_weight=weight, clip_min=clip_min,
-                    demo_reduction=reduction)
+                    demo_reduction=reduction, bootstrap=bootstrap, fosd_weight=fosd_weight)
     out = loss(critic, batch)
-    prefixes, scores = reference.distributions(critic, batch["observation"], batch["action"])
+    prefixes, scores, bin_probs = reference.distributions(critic, batch["observation"], batch["action"])
     reward = batch["next", "reward"].reshape(-1)
     discount = gamma * (~batch["next", "terminated"].reshape(-1)).float()
-    target = c51_by_loop(critic.target_distribution(batch["next", "observation"]), reward, discount,
-                         critic.head.support)
+    next_probs = critic.target_distribution(batch["next", "observation"], online_choice=bootstrap == "double_q")
+    target = c51_by_loop(next_probs, reward, discount, critic.head.support)
     td = sum(-(target * prefixes[k, :, i].log_softmax(-1)).sum(-1).mean()
              for k in range(2) for i in range(prefixes.shape[2])) / prefixes.shape[2]
     torch.testing.assert_close(out["loss_td"], 0.5 * td, atol=1e-5, rtol=1e-5)
@@ -161,7 +169,16 @@ def test_loss_matches_a_loop_rederivation(reduction):
                    for b in range(codes.shape[0]) if demo[b]]
         margin = margin + sum(per_row) / (int(demo.sum()) if reduction == "demo_mean" else codes.shape[0])
     torch.testing.assert_close(out["loss_conservative"], weight * margin, atol=1e-5, rtol=1e-5)
-    (out["loss_td"] + out["loss_conservative"]).backward()
+    fosd = 0.0
+    for k in range(2):  # first-order stochastic dominance: the data bin's CDF must lie below every other bin's
+        cdf = bin_probs[k].cumsum(-1)  # [B, N, K, A]
+        per_row = [sum(float((cdf[b, i, codes[b, i], a] - cdf[b, i, j, a]).clamp(min=0))
+                       for i in range(codes.shape[1]) for j in range(3) for a in range(ATOMS)) / (codes.shape[1] * 3)
+                   for b in range(codes.shape[0]) if demo[b]]
+        fosd = fosd + sum(per_row) / (int(demo.sum()) if reduction == "demo_mean" else codes.shape[0])
+    torch.testing.assert_close(out["loss_fosd"], torch.tensor(fosd_weight * fosd), atol=1e-5, rtol=1e-5)
+    assert float(out["loss_fosd"]) > 0
+    (out["loss_td"] + out["loss_conservative"] + out["loss_fosd"]).backward()
     assert all(p.grad is None for p in critic.target_head.parameters())
     assert critic.head.value_out.weight.grad.abs().sum() > 0 and critic.head.adv_weight.grad.abs().sum() > 0
 
@@ -177,8 +194,9 @@ def test_per_dim_grid_never_scores_or_chooses_a_missing_bin():
     assert bool(torch.isinf(scores[..., ~disc.bin_mask]).all())
     assert bool(torch.isfinite(scores[..., disc.bin_mask]).all())
     assert bool(torch.isfinite(prefixes).all())
-    out = ARSQLoss(conservative="margin", conservative_weight=1.0, clip_min=-1.0)(critic, make_batch(critic))
-    assert bool(torch.isfinite(out["loss_td"])) and bool(torch.isfinite(out["loss_conservative"]))
+    out = ARSQLoss(conservative="margin", conservative_weight=1.0, clip_min=-1.0, fosd_weight=1.0)(critic,
+                                                                                                   make_batch(critic))
+    assert all(bool(torch.isfinite(out[k])) for k in ("loss_td", "loss_conservative", "loss_fosd"))
 
 
 def test_learns_a_contextual_bandit():
@@ -218,12 +236,18 @@ def test_the_critic_and_head_must_agree_on_atoms(advantages, atoms):
         ARSQCritic(FlattenEncoder(OBS), disc, head, advantages=advantages)
 
 
-@pytest.mark.parametrize("kwargs", [{"bootstrap": "double_q"}, {"target_bounds": (0.0, 1.0)}])
-def test_scalar_only_loss_options_are_refused(kwargs):
+def test_scalar_only_loss_options_are_refused():
     torch.manual_seed(7)
     critic = make_critic()
     with pytest.raises(ConfigError, match="distributional"):
-        ARSQLoss(**kwargs)(critic, make_batch(critic))
+        ARSQLoss(target_bounds=(0.0, 1.0))(critic, make_batch(critic))
+
+
+def test_the_fosd_term_needs_a_distributional_critic():
+    disc = CoarseToFineDiscretizer([-1.0], [1.0], levels=2, bins=3)
+    critic = ARSQCritic(FlattenEncoder(OBS), disc, AutoregressiveHead(OBS, 1, 2, 3, hidden_dims=(8,)))
+    with pytest.raises(ConfigError, match="fosd_weight needs a distributional critic"):
+        ARSQLoss(fosd_weight=1.0)(critic, make_batch(critic))
 
 
 def test_exported_policy_acts_as_the_critic():

@@ -46,7 +46,13 @@ def mean_advantages(logits: Tensor) -> Tensor:
 def bin_scores(prefix: Tensor, adv: Tensor, support: Tensor, present: Tensor | None = None) -> Tensor:
     """Each bin's expected return after a prefix: ``E[softmax(prefix + A_b)]``, ``[..., A], [..., K, A] -> [..., K]``;
     ``-inf`` where ``present`` (``[K]`` or ``[N, K]``, matching the trailing axes; ``None``: all) marks no bin."""
-    scores = expected_value(prefix.unsqueeze(-2) + adv, support)
+    return scores_of_bins(prefix.unsqueeze(-2) + adv, support, present)
+
+
+def scores_of_bins(bin_logits: Tensor, support: Tensor, present: Tensor | None = None) -> Tensor:
+    """Bins' expected returns ``[..., K, A] -> [..., K]``, ``-inf`` where ``present`` marks no bin (as
+    :func:`bin_scores`)."""
+    scores = expected_value(bin_logits, support)
     return scores if present is None else scores.masked_fill(~present, float("-inf"))
 
 
@@ -145,7 +151,21 @@ class ARSQCritic(Critic):
         """
         return self._distributions(self.encoder(obs), action, self.head)
 
+    def evaluate_bin_distributions(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`evaluate_distributions`, with every bin's atom logits ``[C, B, N, K, A]`` (the distribution after
+        the data's bins decided before position ``i``, then bin ``k`` at ``i``) in place of their expected returns;
+        bins a per-dim grid lacks hold the prefix's own logits."""
+        return self._bin_distributions(self.encoder(obs), action, self.head)
+
     def _distributions(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        prefixes, bins, codes = self._bin_distributions(features, action, head)
+        return prefixes, scores_of_bins(bins, head.support, self.bin_mask()), codes
+
+    def bin_mask(self) -> Tensor | None:
+        """``[N, K]`` bins that exist (per-dim grids), ``None`` when every position has every bin."""
+        return None if self.discretizer.uniform_grid else self.discretizer.bin_mask
+
+    def _bin_distributions(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         codes = self.discretizer.encode(action)  # [B, L, D]
         logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order)).float()
         present = None if self.discretizer.uniform_grid else self.discretizer.bin_mask  # [N, K]
@@ -159,7 +179,7 @@ class ARSQCritic(Critic):
         before = torch.cat([value, prefixes[:, :, :-1]], dim=2)  # the prefix each decision starts from
         if order is not None:
             before = before[:, :, torch.argsort(order)]  # back to position order
-        return prefixes, bin_scores(before, adv, head.support, present), codes
+        return prefixes, before.unsqueeze(-2) + adv, codes
 
     @staticmethod
     def _atom_advantages(logits: Tensor, present: Tensor | None) -> Tensor:
@@ -173,10 +193,16 @@ class ARSQCritic(Critic):
         return (logits - mean) * weight
 
     @torch.no_grad()
-    def target_distribution(self, obs: Tensor) -> Tensor:
-        """``[B, ...] -> [B, A]``: the target networks' return distribution at their own greedy action, from the
-        critic whose expected value is lower, sample by sample (``advantages: distributional``)."""
-        logits = self._decode_features(self.target_head, self.encoder(obs), None, with_logits=True)[1]  # [C, B, A]
+    def target_distribution(self, obs: Tensor, *, online_choice: bool = False) -> Tensor:
+        """``[B, ...] -> [B, A]``: the target networks' return distribution at their own greedy action (or, with
+        ``online_choice``, at the online networks' greedy action: double Q-learning, as CQN), from the critic whose
+        expected value is lower, sample by sample (``advantages: distributional``)."""
+        features = self.encoder(obs)
+        if online_choice:
+            greedy = self._decode_features(self.head, features, None)  # [B, D]
+            logits = self._bin_distributions(features, greedy, self.target_head)[0][:, :, -1]  # [C, B, A]
+        else:
+            logits = self._decode_features(self.target_head, features, None, with_logits=True)[1]  # [C, B, A]
         lowest = expected_value(logits, self.target_head.support).argmin(0)  # [B]
         chosen = logits.gather(0, lowest.view(1, -1, 1).expand(1, -1, logits.shape[-1])).squeeze(0)
         return chosen.softmax(-1)

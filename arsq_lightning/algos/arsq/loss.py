@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.arsq.critic import ARSQCritic
+from arsq_lightning.algos.arsq.critic import ARSQCritic, scores_of_bins
 from arsq_lightning.algos.base import (
     Loss,
     bootstrap_discount,
@@ -65,13 +65,36 @@ def conservative_penalty(adv: Tensor, codes: Tensor, demo: Tensor, *, variant: C
     else:
         diff = torch.where(others, (adv - data).clamp(clip_min, clip_max), 0.0)
         per_sample = (diff.sum(-1) / count.clamp(min=1.0)).sum(-1)
-    demo = demo.to(adv.dtype).reshape(-1)
-    any_demo = (demo.sum() > 0).to(adv.dtype)
+    return reduce_over_demos(per_sample, demo, reduction)
+
+
+def reduce_over_demos(per_sample: Tensor, demo: Tensor, reduction: DemoReduction) -> Tensor:
+    """``[C, B] -> [C]``: a demo-only term's per-sample values reduced as :func:`conservative_penalty` says."""
+    demo = demo.to(per_sample.dtype).reshape(-1)
+    any_demo = (demo.sum() > 0).to(per_sample.dtype)
     if reduction == "sum_all":
         return per_sample.sum(-1) * any_demo
     if reduction == "batch_mean":
         return (per_sample * demo).sum(-1) / demo.numel()
     return (per_sample * demo).sum(-1) / demo.sum().clamp(min=1.0)
+
+
+def fosd_penalty(bin_logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Per-critic, per-sample first-order-stochastic-dominance term ``[C, B]`` of a distributional critic:
+    ``mean_{i, k} sum_atoms max(F_data - F_k, 0)``, the atom CDFs of the data bin and of each bin ``k`` at position
+    ``i`` after the data's earlier bins (CQN's FOSD term, docs/algorithm.md §3.7), over the bins that exist.
+
+    Args:
+        bin_logits: ``[C, B, N, K, A]`` atom logits.
+        codes: ``[B, N]`` data bins.
+        valid: ``[N, K]`` bins that exist (per-dim grids; ``None``: all).
+    """
+    cdf = bin_logits.softmax(-1).cumsum(-1)  # [C, B, N, K, A]
+    index = codes.view(1, *codes.shape, 1, 1).expand(cdf.shape[0], -1, -1, 1, cdf.shape[-1])
+    excess = (cdf.gather(-2, index) - cdf).clamp(min=0).sum(-1)  # [C, B, N, K]
+    if valid is None:
+        return excess.mean((-2, -1))
+    return (excess * valid).sum((-2, -1)) / valid.sum()
 
 
 class ARSQLoss(Loss):
@@ -93,6 +116,10 @@ class ARSQLoss(Loss):
             bound stops soft-max backups from inflating values beyond what any policy can reach.
         bootstrap: the value of the next state in the TD target: ``soft_value`` (ARSQ, §3.3) ``min_k V̄_k(s')``, or
             ``double_q`` ``min_k Q̄_k(s', a*)`` with ``a*`` the online networks' greedy action (double Q-learning).
+            With a distributional critic, ``soft_value`` bootstraps the target networks' distribution at their own
+            greedy action, ``double_q`` at the online networks' (as CQN).
+        fosd_weight: weight of the first-order-stochastic-dominance term on demo samples (distributional critics
+            only; :func:`fosd_penalty`, CQN's ``bc_fosd``), reduced over samples as the conservative term.
 
     The batch is a TensorDict in TorchRL's layout: ``observation``, ``action``, ``("next", "observation")``,
     ``("next", "reward")``, ``("next", "terminated")`` and optionally ``demo``.
@@ -104,7 +131,7 @@ class ARSQLoss(Loss):
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
                  cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = DEMO,
                  target_bounds: tuple[float, float] | None = None,
-                 bootstrap: Literal["soft_value", "double_q"] = "soft_value"):
+                 bootstrap: Literal["soft_value", "double_q"] = "soft_value", fosd_weight: float = 0.0):
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
         require(cql_temperature > 0, f"cql_temperature must be positive, got {cql_temperature}")
         require(clip_min <= clip_max, f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
@@ -118,26 +145,36 @@ class ARSQLoss(Loss):
         self.target_bounds = None if target_bounds is None else (float(target_bounds[0]), float(target_bounds[1]))
         require(bootstrap in ("soft_value", "double_q"), f"bootstrap must be soft_value or double_q, got {bootstrap!r}")
         self.bootstrap = bootstrap
+        require(fosd_weight >= 0, f"fosd_weight must be >= 0, got {fosd_weight}")
+        self.fosd_weight = fosd_weight
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"ARSQLoss({settings})"
 
     def __call__(self, critic: ARSQCritic, batch: TensorDictBase) -> dict[str, Tensor]:
-        """Returns the terms ``loss_td`` and ``loss_conservative`` (to minimise, summed) and detached diagnostics
-        ``q``, ``target`` and, with ``target_bounds`` or a distributional critic, ``target_clipped`` (the share of
-        targets the bounds or the support clip)."""
+        """Returns the terms ``loss_td`` and ``loss_conservative`` (to minimise, summed; with ``fosd_weight``
+        also ``loss_fosd``) and detached diagnostics ``q``, ``target`` and, with ``target_bounds`` or a distributional
+        critic, ``target_clipped`` (the share of targets the bounds or the support clip)."""
+        require(self.fosd_weight == 0 or critic.advantages == "distributional",
+                "model.loss fosd_weight needs a distributional critic (model.critic advantages distributional)")
         if critic.advantages == "distributional":
             q, adv, codes, target, loss_td, extra = self._distributional_td(critic, batch)
         else:
             q, adv, codes, target, loss_td, extra = self._scalar_td(critic, batch)
         loss_conservative = torch.zeros((), device=q.device)
-        disc = critic.discretizer
-        if self.conservative != "none" and self.demo_key in batch.keys():
+        has_demo = self.demo_key in batch.keys()
+        if self.fosd_weight:
+            bins, loss_fosd = extra.pop("bin_logits"), torch.zeros((), device=q.device)
+            if has_demo:
+                fosd = fosd_penalty(bins, codes, critic.bin_mask())  # [C, B]
+                loss_fosd = self.fosd_weight * reduce_over_demos(fosd, batch[self.demo_key], self.demo_reduction).sum()
+            extra["loss_fosd"] = loss_fosd
+        if self.conservative != "none" and has_demo:
             penalty = conservative_penalty(adv, codes, batch[self.demo_key], variant=self.conservative,
                                            temperature=self.cql_temperature, clip_min=self.clip_min,
                                            clip_max=self.clip_max, reduction=self.demo_reduction,
-                                           valid=None if disc.uniform_grid else disc.bin_mask)
+                                           valid=critic.bin_mask())
             loss_conservative = self.conservative_weight * penalty.sum()
         return {"loss_td": loss_td, "loss_conservative": loss_conservative, "q": q.detach().mean(),
                 "target": target.mean(), **extra}
@@ -164,16 +201,20 @@ class ARSQLoss(Loss):
         """As :meth:`_scalar_td` with bin scores for advantages: the TD term is the cross-entropy of every prefix's
         return distribution ``[C, B, N, A]`` to the C51 projection of ``r + discount * Z̄(s', ā)``, summed over the
         critics, averaged over rows and positions."""
-        require(self.bootstrap == "soft_value" and self.target_bounds is None,
-                "model.loss bootstrap double_q and target_bounds do not apply to a distributional critic")
-        prefixes, scores, codes = critic.evaluate_distributions(batch[OBSERVATION], batch[ACTION])
+        require(self.target_bounds is None, "model.loss target_bounds does not apply to a distributional critic "
+                "(its head's support bounds the values)")
+        prefixes, bins, codes = critic.evaluate_bin_distributions(batch[OBSERVATION], batch[ACTION])
         support = critic.head.support
+        scores = scores_of_bins(bins, support, critic.bin_mask())  # [C, B, N, K]
         reward = td_reward(batch, self.gamma, prefixes.dtype)  # [B]
         discount = bootstrap_discount(batch, self.gamma, prefixes.dtype)
-        next_probs = critic.target_distribution(batch[NEXT_OBSERVATION])  # [B, A]
+        next_probs = critic.target_distribution(batch[NEXT_OBSERVATION], online_choice=self.bootstrap == "double_q")
         target_mean = reward + discount * (next_probs * support).sum(-1)
         projected = c51_projection(next_probs, reward, discount, support)  # [B, A]
         cross_entropy = -(projected.unsqueeze(1) * prefixes.log_softmax(-1)).sum(-1)  # [C, B, N]
         q = expected_value(prefixes[:, :, -1], support)  # [C, B]
         loss_td = self.td_weight * cross_entropy.mean((1, 2)).sum()
-        return q, scores, codes, target_mean, loss_td, {"target_clipped": outside_support(target_mean, support)}
+        extra = {"target_clipped": outside_support(target_mean, support)}
+        if self.fosd_weight:
+            extra["bin_logits"] = bins
+        return q, scores, codes, target_mean, loss_td, extra
