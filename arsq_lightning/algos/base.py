@@ -80,6 +80,15 @@ def expected_value(logits: Tensor, support: Tensor) -> Tensor:
     return (logits.softmax(-1) * support).sum(-1)
 
 
+def dominance_shortfall(logits: Tensor, codes: Tensor) -> Tensor:
+    """How far the data bin's return distribution is from first-order stochastically dominating each bin's:
+    ``sum_atoms max(F_data - F_k, 0)`` over atom CDFs, ``logits [..., K, A]``, ``codes [...]`` -> ``[..., K]``
+    (CQN's FOSD term before its mean, docs/algorithm.md §6.4)."""
+    cdf = logits.softmax(-1).cumsum(-1)
+    index = codes[..., None, None].expand(*codes.shape, 1, cdf.shape[-1])
+    return (cdf.gather(-2, index) - cdf).clamp(min=0).sum(-1)
+
+
 def outside_support(values: Tensor, support: Tensor) -> Tensor:
     """The share of ``values`` (any shape) below ``support[0]`` or above ``support[-1]``: what C51 clips."""
     return ((values < support[0]) | (values > support[-1])).to(values.dtype).mean()

@@ -168,8 +168,7 @@ class ARSQCritic(Critic):
     def _bin_distributions(self, features: Tensor, action: Tensor, head: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         codes = self.discretizer.encode(action)  # [B, L, D]
         logits = head.advantage_logits(features, self.discretizer.conditioning(codes, head.order)).float()
-        present = None if self.discretizer.uniform_grid else self.discretizer.bin_mask  # [N, K]
-        adv = self._atom_advantages(logits, present)  # [C, B, N, K, A]
+        adv = self._atom_advantages(logits, self.bin_mask())  # [C, B, N, K, A]
         codes = codes.flatten(-2)  # [B, N], position i = l * D + d
         index = codes.view(1, *codes.shape, 1, 1).expand(adv.shape[0], -1, -1, 1, adv.shape[-1])
         value = head.value(features).float().unsqueeze(2)  # [C, B, 1, A]

@@ -21,6 +21,7 @@ from arsq_lightning.algos.base import (
     Loss,
     bootstrap_discount,
     c51_projection,
+    dominance_shortfall,
     expected_value,
     outside_support,
     td_reward,
@@ -89,9 +90,7 @@ def fosd_penalty(bin_logits: Tensor, codes: Tensor, valid: Tensor | None = None)
         codes: ``[B, N]`` data bins.
         valid: ``[N, K]`` bins that exist (per-dim grids; ``None``: all).
     """
-    cdf = bin_logits.softmax(-1).cumsum(-1)  # [C, B, N, K, A]
-    index = codes.view(1, *codes.shape, 1, 1).expand(cdf.shape[0], -1, -1, 1, cdf.shape[-1])
-    excess = (cdf.gather(-2, index) - cdf).clamp(min=0).sum(-1)  # [C, B, N, K]
+    excess = dominance_shortfall(bin_logits, codes.expand(bin_logits.shape[0], -1, -1))  # [C, B, N, K]
     if valid is None:
         return excess.mean((-2, -1))
     return (excess * valid).sum((-2, -1)) / valid.sum()
@@ -163,14 +162,7 @@ class ARSQLoss(Loss):
         else:
             q, adv, codes, target, loss_td, extra = self._scalar_td(critic, batch)
         loss_conservative = torch.zeros((), device=q.device)
-        has_demo = self.demo_key in batch.keys()
-        if self.fosd_weight:
-            bins, loss_fosd = extra.pop("bin_logits"), torch.zeros((), device=q.device)
-            if has_demo:
-                fosd = fosd_penalty(bins, codes, critic.bin_mask())  # [C, B]
-                loss_fosd = self.fosd_weight * reduce_over_demos(fosd, batch[self.demo_key], self.demo_reduction).sum()
-            extra["loss_fosd"] = loss_fosd
-        if self.conservative != "none" and has_demo:
+        if self.conservative != "none" and self.demo_key in batch.keys():
             penalty = conservative_penalty(adv, codes, batch[self.demo_key], variant=self.conservative,
                                            temperature=self.cql_temperature, clip_min=self.clip_min,
                                            clip_max=self.clip_max, reduction=self.demo_reduction,
@@ -200,7 +192,7 @@ class ARSQLoss(Loss):
                                                                                        Tensor, dict]:
         """As :meth:`_scalar_td` with bin scores for advantages: the TD term is the cross-entropy of every prefix's
         return distribution ``[C, B, N, A]`` to the C51 projection of ``r + discount * Z̄(s', ā)``, summed over the
-        critics, averaged over rows and positions."""
+        critics, averaged over rows and positions; with ``fosd_weight`` the extras also hold ``loss_fosd``."""
         require(self.target_bounds is None, "model.loss target_bounds does not apply to a distributional critic "
                 "(its head's support bounds the values)")
         prefixes, bins, codes = critic.evaluate_bin_distributions(batch[OBSERVATION], batch[ACTION])
@@ -216,5 +208,12 @@ class ARSQLoss(Loss):
         loss_td = self.td_weight * cross_entropy.mean((1, 2)).sum()
         extra = {"target_clipped": outside_support(target_mean, support)}
         if self.fosd_weight:
-            extra["bin_logits"] = bins
+            extra["loss_fosd"] = self._fosd_term(critic, bins, codes, batch)
         return q, scores, codes, target_mean, loss_td, extra
+
+    def _fosd_term(self, critic: ARSQCritic, bins: Tensor, codes: Tensor, batch: TensorDictBase) -> Tensor:
+        """``fosd_weight`` times :func:`fosd_penalty` over the demo rows, summed over the critics (0 without demos)."""
+        if self.demo_key not in batch.keys():
+            return torch.zeros((), device=bins.device)
+        fosd = fosd_penalty(bins, codes, critic.bin_mask())  # [C, B]
+        return self.fosd_weight * reduce_over_demos(fosd, batch[self.demo_key], self.demo_reduction).sum()

@@ -11,7 +11,14 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from arsq_lightning.algos.base import Loss, bootstrap_discount, c51_projection, outside_support, td_reward
+from arsq_lightning.algos.base import (
+    Loss,
+    bootstrap_discount,
+    c51_projection,
+    dominance_shortfall,
+    outside_support,
+    td_reward,
+)
 from arsq_lightning.algos.cqn.critic import CQNCritic, at_bins
 from arsq_lightning.errors import require
 from arsq_lightning.keys import ACTION, DEMO, NEXT_OBSERVATION, OBSERVATION
@@ -25,9 +32,7 @@ def fosd_penalty(logits: Tensor, codes: Tensor, valid: Tensor | None = None) -> 
         codes: ``[B, L, D]`` data bins ``a``.
         valid: ``[L, D, K]`` bins that exist (per-dim grids); the mean runs over these only.
     """
-    cdf = logits.softmax(-1).cumsum(-1)  # [B, L, D, K, A]
-    data = at_bins(cdf, codes).unsqueeze(-2)  # [B, L, D, 1, A]
-    return _mean_over_bins((data - cdf).clamp(min=0).sum(-1), valid)
+    return _mean_over_bins(dominance_shortfall(logits, codes), valid)
 
 
 def margin_penalty(q: Tensor, codes: Tensor, margin: float, valid: Tensor | None = None) -> Tensor:
