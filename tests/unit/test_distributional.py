@@ -96,7 +96,7 @@ def test_grouped_decode_scores_each_dim_after_the_ones_decided_before_it(groups)
     action, logits = critic._decode_features(critic.head, critic.encoder(obs), None, with_logits=True)
     prefixes, scores, codes = critic.evaluate_distributions(obs, action)
     assert torch.equal(scores.amin(0).argmax(-1), codes)
-    torch.testing.assert_close(prefixes[:, :, -1].log_softmax(-1), logits.log_softmax(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefixes.log_softmax(-1), logits.log_softmax(-1), atol=1e-5, rtol=1e-5)
     whole = critic.head.value(obs).float() + sum(
         critic._atom_advantages(critic.head.advantage_logits(
             obs, critic.discretizer.conditioning(critic.discretizer.encode(action), critic.head.order)).float(),
@@ -122,6 +122,25 @@ def test_target_distribution_is_the_lower_target_critics_distribution_at_the_cho
     assert not torch.equal(greedy, other)  # the online and target networks choose differently somewhere
 
 
+@pytest.mark.parametrize("online_choice", [False, True])
+def test_per_prefix_target_distributions_take_the_lower_critic_per_sample_and_prefix(online_choice):
+    """``per_prefix``: every prefix of the chosen greedy action under the target networks, in decision order, each
+    from the twin whose expected return for that prefix is lower; the last is the whole action's distribution."""
+    torch.manual_seed(3)
+    critic = make_critic(act_network="online", action_dim=3)
+    obs = torch.randn(32, OBS)
+    probs = critic.target_distribution(obs, online_choice=online_choice, per_prefix=True)  # [B, N, A]
+    greedy = critic._decode_features(critic.head if online_choice else critic.target_head, critic.encoder(obs), None)
+    every = reference.distributions(critic, obs, greedy, target=True)[0].softmax(-1)  # [C, B, N, A]
+    means = (every * critic.head.support).sum(-1)  # [C, B, N]
+    expected = torch.stack([torch.stack([every[int(means[:, b, i].argmin()), b, i] for i in range(means.shape[2])])
+                            for b in range(32)])
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+    lower = means.argmin(0)  # [B, N]
+    assert bool((lower != lower[:, -1:]).any())  # some prefix's lower twin is not the whole action's: tested
+    torch.testing.assert_close(probs[:, -1], critic.target_distribution(obs, online_choice=online_choice))
+
+
 def c51_by_loop(probs: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor, support: torch.Tensor):
     """C51's projection one sample and atom at a time: ``[B, A] -> [B, A]``."""
     out = torch.zeros_like(probs)
@@ -142,23 +161,29 @@ def make_batch(critic: ARSQCritic, size: int = 8) -> TensorDict:
                                 "terminated": (torch.arange(size) == 1).view(-1, 1)}}, batch_size=[size])
 
 
-@pytest.mark.parametrize("reduction, bootstrap", [("demo_mean", "soft_value"), ("batch_mean", "soft_value"),
-                                                  ("demo_mean", "double_q")])
-def test_loss_matches_a_loop_rederivation(reduction, bootstrap):
+@pytest.mark.parametrize("reduction, bootstrap, prefix_targets", [
+    ("demo_mean", "soft_value", False), ("batch_mean", "soft_value", False), ("demo_mean", "double_q", False),
+    ("demo_mean", "soft_value", True), ("demo_mean", "double_q", True)])
+def test_loss_matches_a_loop_rederivation(reduction, bootstrap, prefix_targets):
     torch.manual_seed(4)
     critic = make_critic()
     batch = make_batch(critic)
     gamma, clip_min, weight, fosd_weight = 0.9, -0.2, 0.7, 0.3
     loss = ARSQLoss(gamma=gamma, td_weight=0.5, conservative="margin", conservative_weight=weight, clip_min=clip_min,
-                    demo_reduction=reduction, bootstrap=bootstrap, fosd_weight=fosd_weight)
+                    demo_reduction=reduction, bootstrap=bootstrap, fosd_weight=fosd_weight,
+                    prefix_targets=prefix_targets)
     out = loss(critic, batch)
     prefixes, scores, bin_probs = reference.distributions(critic, batch["observation"], batch["action"])
     reward = batch["next", "reward"].reshape(-1)
     discount = gamma * (~batch["next", "terminated"].reshape(-1)).float()
-    next_probs = critic.target_distribution(batch["next", "observation"], online_choice=bootstrap == "double_q")
-    target = c51_by_loop(next_probs, reward, discount, critic.head.support)
-    td = sum(-(target * prefixes[k, :, i].log_softmax(-1)).sum(-1).mean()
-             for k in range(2) for i in range(prefixes.shape[2])) / prefixes.shape[2]
+    next_probs = critic.target_distribution(batch["next", "observation"], online_choice=bootstrap == "double_q",
+                                            per_prefix=True)  # [B, N, A]
+    positions = prefixes.shape[2]
+    # each prefix's own next-state prefix, or the whole next action's distribution for every prefix
+    targets = [c51_by_loop(next_probs[:, i if prefix_targets else -1], reward, discount, critic.head.support)
+               for i in range(positions)]
+    td = sum(-(targets[i] * prefixes[k, :, i].log_softmax(-1)).sum(-1).mean()
+             for k in range(2) for i in range(positions)) / positions
     torch.testing.assert_close(out["loss_td"], 0.5 * td, atol=1e-5, rtol=1e-5)
     codes = critic.discretizer.encode(batch["action"]).flatten(-2)
     demo = batch["demo"]
@@ -243,11 +268,12 @@ def test_scalar_only_loss_options_are_refused():
         ARSQLoss(target_bounds=(0.0, 1.0))(critic, make_batch(critic))
 
 
-def test_the_fosd_term_needs_a_distributional_critic():
+@pytest.mark.parametrize("option", [{"fosd_weight": 1.0}, {"prefix_targets": True}])
+def test_distributional_only_loss_options_are_refused_with_scalar_values(option):
     disc = CoarseToFineDiscretizer([-1.0], [1.0], levels=2, bins=3)
     critic = ARSQCritic(FlattenEncoder(OBS), disc, AutoregressiveHead(OBS, 1, 2, 3, hidden_dims=(8,)))
-    with pytest.raises(ConfigError, match="fosd_weight needs a distributional critic"):
-        ARSQLoss(fosd_weight=1.0)(critic, make_batch(critic))
+    with pytest.raises(ConfigError, match=f"{next(iter(option))} needs a distributional critic"):
+        ARSQLoss(**option)(critic, make_batch(critic))
 
 
 def test_exported_policy_acts_as_the_critic():

@@ -192,19 +192,24 @@ class ARSQCritic(Critic):
         return (logits - mean) * weight
 
     @torch.no_grad()
-    def target_distribution(self, obs: Tensor, *, online_choice: bool = False) -> Tensor:
+    def target_distribution(self, obs: Tensor, *, online_choice: bool = False, per_prefix: bool = False) -> Tensor:
         """``[B, ...] -> [B, A]``: the target networks' return distribution at their own greedy action (or, with
         ``online_choice``, at the online networks' greedy action: double Q-learning, as CQN), from the critic whose
-        expected value is lower, sample by sample (``advantages: distributional``)."""
+        expected value is lower, sample by sample (``advantages: distributional``). ``per_prefix``: ``[B, N, A]``,
+        the target networks' distribution of every prefix of that action in decision order (the last: the whole
+        action), the lower critic chosen per sample and prefix."""
         features = self.encoder(obs)
         if online_choice:
             greedy = self._decode_features(self.head, features, None)  # [B, D]
-            logits = self._bin_distributions(features, greedy, self.target_head)[0][:, :, -1]  # [C, B, A]
+            logits = self._bin_distributions(features, greedy, self.target_head)[0]  # [C, B, N, A]
         else:
-            logits = self._decode_features(self.target_head, features, None, with_logits=True)[1]  # [C, B, A]
-        lowest = expected_value(logits, self.target_head.support).argmin(0)  # [B]
-        chosen = logits.gather(0, lowest.view(1, -1, 1).expand(1, -1, logits.shape[-1])).squeeze(0)
-        return chosen.softmax(-1)
+            logits = self._decode_features(self.target_head, features, None, with_logits=True)[1]  # [C, B, N, A]
+        if not per_prefix:
+            logits = logits[:, :, -1:]  # the whole action
+        lowest = expected_value(logits, self.target_head.support).argmin(0)  # [B, N or 1]
+        index = lowest.unsqueeze(0).unsqueeze(-1).expand(1, -1, -1, logits.shape[-1])
+        probs = logits.gather(0, index).squeeze(0).softmax(-1)  # [B, N or 1, A]
+        return probs if per_prefix else probs.squeeze(1)
 
     @torch.no_grad()
     def target_value(self, obs: Tensor) -> Tensor:
@@ -261,13 +266,15 @@ class ARSQCritic(Critic):
     def _decode_features(self, head: nn.Module, features: Tensor, noise: Tensor | None, *,
                          with_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The decoded env-space actions ``[B, D]``; ``with_logits`` (distributional only) also returns the atom
-        logits ``[C, B, A]`` of each critic's distribution at the decoded action."""
+        logits ``[C, B, N, A]`` of each critic's distribution after each decision of the decoded action, in
+        decision order (the last: the whole action)."""
         disc = self.discretizer
         cache = head.acting_cache(features)
         prefix = torch.zeros(features.shape[0], disc.action_dim, dtype=torch.float64, device=features.device)
         cond = torch.zeros(features.shape[0], disc.action_dim, device=features.device)  # unit-space midpoints m_i
         distributional = self.advantages == "distributional"
         dist = head.value(features).float() if distributional else None  # [C, B, A]: the decided prefix's logits
+        prefixes = []  # dist after each decision
         for lvl in range(disc.levels):
             for group in head.groups:  # the dims of a group see the same conditioning (one dim each in ARSQ)
                 choices = []
@@ -286,9 +293,10 @@ class ARSQCritic(Critic):
                     if distributional:  # the next dim of the group is scored after this one, as in teacher forcing
                         index = choice.view(1, -1, 1, 1).expand(adv.shape[0], -1, 1, adv.shape[-1])
                         dist = dist + adv.gather(-2, index).squeeze(-2)  # [C, B, A]
+                        prefixes.append(dist)
                 for dim, choice in zip(group, choices):
                     prefix[:, dim] = prefix[:, dim] * disc.bins_table[lvl, dim] + choice
                 midpoints = disc.midpoint(prefix, lvl + 1)  # zoom in on the group's dims
                 for dim in group:
                     cond[:, dim] = midpoints[:, dim]
-        return (disc.from_unit(cond), dist) if with_logits else disc.from_unit(cond)
+        return (disc.from_unit(cond), torch.stack(prefixes, 2)) if with_logits else disc.from_unit(cond)

@@ -119,6 +119,10 @@ class ARSQLoss(Loss):
             greedy action, ``double_q`` at the online networks' (as CQN).
         fosd_weight: weight of the first-order-stochastic-dominance term on demo samples (distributional critics
             only; :func:`fosd_penalty`, CQN's ``bc_fosd``), reduced over samples as the conservative term.
+        prefix_targets: distributional critics only. ``False``: every prefix of the data action is fitted to the
+            projection of the whole next action's distribution; ``True``: prefix ``i`` to the projection of the target
+            networks' prefix ``i`` along the next state's greedy action (each of CQN's levels bootstraps from the same
+            level at the next state), so coarse decisions do not bootstrap from the maximum over the finer positions.
 
     The batch is a TensorDict in TorchRL's layout: ``observation``, ``action``, ``("next", "observation")``,
     ``("next", "reward")``, ``("next", "terminated")`` and optionally ``demo``.
@@ -130,7 +134,8 @@ class ARSQLoss(Loss):
                  conservative_weight: float = 0.0, clip_min: float = -1.0, clip_max: float = 1e7,
                  cql_temperature: float = 1.0, demo_reduction: DemoReduction = "demo_mean", demo_key: str = DEMO,
                  target_bounds: tuple[float, float] | None = None,
-                 bootstrap: Literal["soft_value", "double_q"] = "soft_value", fosd_weight: float = 0.0):
+                 bootstrap: Literal["soft_value", "double_q"] = "soft_value", fosd_weight: float = 0.0,
+                 prefix_targets: bool = False):
         require(0.0 <= gamma <= 1.0, f"gamma must lie in [0, 1], got {gamma}")
         require(cql_temperature > 0, f"cql_temperature must be positive, got {cql_temperature}")
         require(clip_min <= clip_max, f"clip_min ({clip_min}) must not exceed clip_max ({clip_max})")
@@ -145,7 +150,7 @@ class ARSQLoss(Loss):
         require(bootstrap in ("soft_value", "double_q"), f"bootstrap must be soft_value or double_q, got {bootstrap!r}")
         self.bootstrap = bootstrap
         require(fosd_weight >= 0, f"fosd_weight must be >= 0, got {fosd_weight}")
-        self.fosd_weight = fosd_weight
+        self.fosd_weight, self.prefix_targets = fosd_weight, prefix_targets
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -157,6 +162,8 @@ class ARSQLoss(Loss):
         critic, ``target_clipped`` (the share of targets the bounds or the support clip)."""
         require(self.fosd_weight == 0 or critic.advantages == "distributional",
                 "model.loss fosd_weight needs a distributional critic (model.critic advantages distributional)")
+        require(not self.prefix_targets or critic.advantages == "distributional",
+                "model.loss prefix_targets needs a distributional critic (model.critic advantages distributional)")
         if critic.advantages == "distributional":
             q, adv, codes, target, loss_td, extra = self._distributional_td(critic, batch)
         else:
@@ -191,8 +198,9 @@ class ARSQLoss(Loss):
     def _distributional_td(self, critic: ARSQCritic, batch: TensorDictBase) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                                                                        Tensor, dict]:
         """As :meth:`_scalar_td` with bin scores for advantages: the TD term is the cross-entropy of every prefix's
-        return distribution ``[C, B, N, A]`` to the C51 projection of ``r + discount * Z̄(s', ā)``, summed over the
-        critics, averaged over rows and positions; with ``fosd_weight`` the extras also hold ``loss_fosd``."""
+        return distribution ``[C, B, N, A]`` to the C51 projection of ``r + discount * Z̄(s', ā)`` (with
+        ``prefix_targets``, of the same prefix of ``ā``), summed over the critics, averaged over rows and positions;
+        with ``fosd_weight`` the extras also hold ``loss_fosd``."""
         require(self.target_bounds is None, "model.loss target_bounds does not apply to a distributional critic "
                 "(its head's support bounds the values)")
         prefixes, bins, codes = critic.evaluate_bin_distributions(batch[OBSERVATION], batch[ACTION])
@@ -200,16 +208,19 @@ class ARSQLoss(Loss):
         scores = scores_of_bins(bins, support, critic.bin_mask())  # [C, B, N, K]
         reward = td_reward(batch, self.gamma, prefixes.dtype)  # [B]
         discount = bootstrap_discount(batch, self.gamma, prefixes.dtype)
-        next_probs = critic.target_distribution(batch[NEXT_OBSERVATION], online_choice=self.bootstrap == "double_q")
-        target_mean = reward + discount * (next_probs * support).sum(-1)
-        projected = c51_projection(next_probs, reward, discount, support)  # [B, A]
-        cross_entropy = -(projected.unsqueeze(1) * prefixes.log_softmax(-1)).sum(-1)  # [C, B, N]
+        next_probs = critic.target_distribution(batch[NEXT_OBSERVATION], online_choice=self.bootstrap == "double_q",
+                                                per_prefix=self.prefix_targets)  # [B, A] or [B, N, A]
+        if not self.prefix_targets:
+            next_probs = next_probs.unsqueeze(1)  # one target for every prefix
+        target_mean = reward.unsqueeze(1) + discount.unsqueeze(1) * (next_probs * support).sum(-1)  # [B, N or 1]
+        projected = c51_projection(next_probs, reward, discount, support)  # [B, N or 1, A]
+        cross_entropy = -(projected * prefixes.log_softmax(-1)).sum(-1)  # [C, B, N]
         q = expected_value(prefixes[:, :, -1], support)  # [C, B]
         loss_td = self.td_weight * cross_entropy.mean((1, 2)).sum()
         extra = {"target_clipped": outside_support(target_mean, support)}
         if self.fosd_weight:
             extra["loss_fosd"] = self._fosd_term(critic, bins, codes, batch)
-        return q, scores, codes, target_mean, loss_td, extra
+        return q, scores, codes, target_mean[:, -1], loss_td, extra
 
     def _fosd_term(self, critic: ARSQCritic, bins: Tensor, codes: Tensor, batch: TensorDictBase) -> Tensor:
         """``fosd_weight`` times :func:`fosd_penalty` over the demo rows, summed over the critics (0 without demos)."""
