@@ -145,7 +145,8 @@ def acting_logits(critic_module, obs: Tensor, codes: Tensor, *, target: bool = F
 def distributions(critic_module, obs: Tensor, action: Tensor, *,
                   target: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of :meth:`ARSQCritic.evaluate_distributions` (``advantages: distributional``, uniform grids):
-    one (critic, position) at a time, mean-normalised atom logits added to a running prefix.
+    one (critic, position) at a time, mean-normalised atom logits (raw ones without ``center_atoms``) added to a
+    running prefix.
 
     Returns:
         prefix atom logits ``[C, B, N, A]`` after each position, bin scores ``[C, B, N, K]`` (each bin's expected
@@ -164,7 +165,7 @@ def distributions(critic_module, obs: Tensor, action: Tensor, *,
         per_prefix, per_scores, per_bins = [], [], []
         for i, m in enumerate(position_inputs(critic_module.discretizer, codes)):
             z = mlp(advantage_mlp(head, k, i), torch.cat([feats, m], -1), act).view(-1, bins, support.numel())
-            a = z - z.mean(1, keepdim=True)
+            a = z - z.mean(1, keepdim=True) if critic_module.center_atoms else z
             probs = torch.stack([torch.softmax(prefix + a[:, b], -1) for b in range(bins)], 1)  # [B, K, A]
             per_bins.append(probs)
             per_scores.append((probs * support).sum(-1))

@@ -21,7 +21,7 @@ ATOMS = 7
 
 def make_critic(*, num_critics: int = 2, qchunk: int = -1, act_network: str = "online", action_dim: int = 2,
                 levels: int = 2, bins: int = 3, disc: CoarseToFineDiscretizer | None = None,
-                groups: int | list[list[int]] = -1) -> ARSQCritic:
+                groups: int | list[list[int]] = -1, center_atoms: bool = True) -> ARSQCritic:
     """A tiny distributional critic with random weights (output gain 1 so the distributions are far from uniform);
     the target head differs from the online one."""
     disc = disc or CoarseToFineDiscretizer([-1.0] * action_dim, [1.0] * action_dim, levels=levels, bins=bins)
@@ -29,7 +29,7 @@ def make_critic(*, num_critics: int = 2, qchunk: int = -1, act_network: str = "o
                               num_critics=num_critics, out_gain=1.0, atoms=ATOMS, v_min=-3.0, v_max=9.0,
                               groups=groups)
     critic = ARSQCritic(FlattenEncoder(OBS), disc, head, soft_alpha=0.1, act_network=act_network,
-                        advantages="distributional")
+                        advantages="distributional", center_atoms=center_atoms)
     with torch.no_grad():
         for p in critic.target_head.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -41,11 +41,11 @@ def random_actions(critic: ARSQCritic, batch: int) -> torch.Tensor:
     return disc.low + torch.rand(batch, disc.action_dim) * (disc.high - disc.low)
 
 
-@pytest.mark.parametrize("num_critics", [1, 2])
+@pytest.mark.parametrize("num_critics, center_atoms", [(1, True), (2, True), (2, False)])
 @pytest.mark.parametrize("qchunk", [-1, 1])
-def test_prefix_distributions_and_scores_match_reference(num_critics, qchunk):
+def test_prefix_distributions_and_scores_match_reference(num_critics, qchunk, center_atoms):
     torch.manual_seed(0)
-    critic = make_critic(num_critics=num_critics, qchunk=qchunk)
+    critic = make_critic(num_critics=num_critics, qchunk=qchunk, center_atoms=center_atoms)
     obs, action = torch.randn(6, OBS), random_actions(critic, 6)
     prefixes, scores, codes = critic.evaluate_distributions(obs, action)
     ref_prefixes, ref_scores, ref_bins = reference.distributions(critic, obs, action)
@@ -85,13 +85,13 @@ def test_greedy_decode_maximises_the_min_over_twins_of_the_scores(act_network):
     assert torch.equal(scores.min(0).values.argmax(-1), codes)
 
 
-@pytest.mark.parametrize("groups", [1, [[2], [0, 1]]])
-def test_grouped_decode_scores_each_dim_after_the_ones_decided_before_it(groups):
+@pytest.mark.parametrize("groups, center_atoms", [(1, True), ([[2], [0, 1]], True), ([[2], [0, 1]], False)])
+def test_grouped_decode_scores_each_dim_after_the_ones_decided_before_it(groups, center_atoms):
     """Dims decided in groups (and out of index order): the decode adds each chosen bin to the prefix before scoring
     the next dim, as teacher forcing does in decision order, so the greedy codes are the argmax of the teacher-forced
     min-over-twins scores, and the decoded distribution is the last prefix (the whole action)."""
     torch.manual_seed(6)
-    critic = make_critic(action_dim=3, groups=groups)
+    critic = make_critic(action_dim=3, groups=groups, center_atoms=center_atoms)
     obs = torch.randn(48, OBS)
     action, logits = critic._decode_features(critic.head, critic.encoder(obs), None, with_logits=True)
     prefixes, scores, codes = critic.evaluate_distributions(obs, action)
@@ -161,12 +161,13 @@ def make_batch(critic: ARSQCritic, size: int = 8) -> TensorDict:
                                 "terminated": (torch.arange(size) == 1).view(-1, 1)}}, batch_size=[size])
 
 
-@pytest.mark.parametrize("reduction, bootstrap, prefix_targets", [
-    ("demo_mean", "soft_value", False), ("batch_mean", "soft_value", False), ("demo_mean", "double_q", False),
-    ("demo_mean", "soft_value", True), ("demo_mean", "double_q", True)])
-def test_loss_matches_a_loop_rederivation(reduction, bootstrap, prefix_targets):
+@pytest.mark.parametrize("reduction, bootstrap, prefix_targets, center_atoms", [
+    ("demo_mean", "soft_value", False, True), ("batch_mean", "soft_value", False, True),
+    ("demo_mean", "double_q", False, True), ("demo_mean", "soft_value", True, True),
+    ("demo_mean", "double_q", True, True), ("demo_mean", "soft_value", False, False)])
+def test_loss_matches_a_loop_rederivation(reduction, bootstrap, prefix_targets, center_atoms):
     torch.manual_seed(4)
-    critic = make_critic()
+    critic = make_critic(center_atoms=center_atoms)
     batch = make_batch(critic)
     gamma, clip_min, weight, fosd_weight = 0.9, -0.2, 0.7, 0.3
     loss = ARSQLoss(gamma=gamma, td_weight=0.5, conservative="margin", conservative_weight=weight, clip_min=clip_min,
@@ -208,10 +209,11 @@ def test_loss_matches_a_loop_rederivation(reduction, bootstrap, prefix_targets):
     assert critic.head.value_out.weight.grad.abs().sum() > 0 and critic.head.adv_weight.grad.abs().sum() > 0
 
 
-def test_per_dim_grid_never_scores_or_chooses_a_missing_bin():
+@pytest.mark.parametrize("center_atoms", [True, False])
+def test_per_dim_grid_never_scores_or_chooses_a_missing_bin(center_atoms):
     torch.manual_seed(5)
     disc = CoarseToFineDiscretizer([-1.0, 0.0], [1.0, 2.0], levels=[2, 1], bins=[2, 3])  # K = 3
-    critic = make_critic(disc=disc)
+    critic = make_critic(disc=disc, center_atoms=center_atoms)
     obs = torch.randn(64, OBS)
     action = critic.act(obs, deterministic=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(disc.decode(disc.encode(action)), action)  # on the grid
@@ -251,6 +253,13 @@ def test_learns_a_contextual_bandit():
     obs = torch.randn(256, OBS)
     error = (critic.act(obs, deterministic=True) - best(obs)).abs()
     assert float(error.mean()) < 0.15  # the grid's step at level 2 is 2/9; random actions are off by 0.9 on average
+
+
+def test_uncentred_atoms_need_distributional_advantages():
+    disc = CoarseToFineDiscretizer([-1.0], [1.0], levels=2, bins=3)
+    with pytest.raises(ConfigError, match="center_atoms false needs advantages distributional"):
+        ARSQCritic(FlattenEncoder(OBS), disc, AutoregressiveHead(OBS, 1, 2, 3, hidden_dims=(8,)), advantages="mean",
+                   center_atoms=False)
 
 
 @pytest.mark.parametrize("advantages, atoms", [("distributional", 1), ("mean", ATOMS), ("soft", ATOMS)])

@@ -80,12 +80,16 @@ class ARSQCritic(Critic):
             return distribution, ``logits(s, a_<=i) = V(s) + sum_{j<=i} A_j`` with mean-normalised ``A_j [A]``; every
             prefix's distribution is fitted to the C51 target (:class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`), a
             bin's score is the expected return of its prefix distribution (docs/algorithm.md §3.7).
+        center_atoms: ``distributional`` only. ``True``: each atom's advantage logits are centred over a position's
+            bins (the mean normalisation above), so raising the data bin's logits lowers the other bins'; ``False``:
+            the raw logits are added to the prefix, every bin's distribution is its own output (as CQN's per-bin
+            outputs; a softmax ignores the constant the centring removes).
     """
 
     def __init__(self, encoder: nn.Module, discretizer: Discretizer, head: nn.Module, *, soft_alpha: float = 0.01,
                  act_alpha: float | None = None, act_network: Literal["online", "target"] = "online",
                  compile_act: bool = False, exploration_std: float = 0.0,
-                 advantages: Literal["soft", "mean", "distributional"] = "soft"):
+                 advantages: Literal["soft", "mean", "distributional"] = "soft", center_atoms: bool = True):
         act_alpha = soft_alpha if act_alpha is None else act_alpha
         require(soft_alpha > 0, f"soft_alpha must be positive, got {soft_alpha}")
         require(act_alpha > 0, f"act_alpha must be positive, got {act_alpha}")
@@ -93,6 +97,8 @@ class ARSQCritic(Critic):
         require(act_network in ("online", "target"), f"act_network must be 'online' or 'target', got {act_network!r}")
         require(advantages in ("soft", "mean", "distributional"),
                 f"advantages must be 'soft', 'mean' or 'distributional', got {advantages!r}")
+        require(center_atoms or advantages == "distributional",
+                "model.critic center_atoms false needs advantages distributional (soft and mean normalise by design)")
         require(hasattr(head, "advantage_logits"), "the ARSQ critic needs an auto-regressive head such as "
                 f"AutoregressiveHead, got {type(head).__name__}: set model.critic to arsq_lightning.CQNCritic for CQN")
         require((advantages == "distributional") == (head.atoms > 1), f"model.critic advantages {advantages!r} with a "
@@ -100,6 +106,7 @@ class ARSQCritic(Critic):
         super().__init__(encoder, discretizer, head)
         self.soft_alpha, self.act_alpha, self.act_network = soft_alpha, act_alpha, act_network
         self.compile_act, self.exploration_std, self.advantages = compile_act, exploration_std, advantages
+        self.center_atoms = center_atoms
 
     def default_loss(self):
         """ARSQ's loss with its defaults (:class:`~arsq_lightning.algos.arsq.loss.ARSQLoss`: TD only)."""
@@ -180,14 +187,15 @@ class ARSQCritic(Critic):
             before = before[:, :, torch.argsort(order)]  # back to position order
         return prefixes, before.unsqueeze(-2) + adv, codes
 
-    @staticmethod
-    def _atom_advantages(logits: Tensor, present: Tensor | None) -> Tensor:
-        """Mean-normalise atom logits ``[..., K, A]`` over the bins that exist: ``present`` (``[K]`` or ``[N, K]``,
-        matching the logits' trailing axes; ``None``: all) marks them; missing bins get zeros (never chosen: their
-        scores are ``-inf``)."""
+    def _atom_advantages(self, logits: Tensor, present: Tensor | None) -> Tensor:
+        """Mean-normalise atom logits ``[..., K, A]`` over the bins that exist (``center_atoms``; else leave them
+        as they are): ``present`` (``[K]`` or ``[N, K]``, matching the logits' trailing axes; ``None``: all) marks
+        them; missing bins get zeros (never chosen: their scores are ``-inf``)."""
         if present is None:
-            return logits - logits.mean(-2, keepdim=True)
+            return logits - logits.mean(-2, keepdim=True) if self.center_atoms else logits
         weight = present.unsqueeze(-1).to(logits.dtype)  # [..., K, 1]
+        if not self.center_atoms:
+            return logits * weight
         mean = (logits * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True)
         return (logits - mean) * weight
 
