@@ -1,4 +1,5 @@
-"""Every relative link of the README and docs/ points at a file of the repository."""
+"""Every relative link of the README and docs/ points at a file of the repository, and the pages hold no control
+characters (a ``\\f`` or ``\\t`` written by mistake into a formula)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,10 @@ def test_relative_links_resolve(page):
 def test_the_readme_links_every_docs_page():
     readme = (REPO / "README.md").read_text()
     assert all(f"(docs/{page.name})" in readme for page in PAGES[1:])
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_pages_hold_no_control_characters(page):
+    text = page.read_text()  # tabs count too: the pages indent with spaces
+    lines = [text.count("\n", 0, match.start()) + 1 for match in re.finditer(r"[\x00-\x09\x0b-\x1f\x7f]", text)]
+    assert not lines, f"{page.name}: control characters on lines {lines}"
