@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 
@@ -65,6 +65,14 @@ def build_optimizer(factory: OptimizerCallable, params: Iterable[nn.Parameter]) 
         raise ConfigError(f"model.optimizer: {err}") from None
 
 
+def build_scheduler(factory: LRSchedulerCallable, optimizer: torch.optim.Optimizer):
+    """``factory(optimizer)``; a bad setting (e.g. a negative ``T_max``) as one line."""
+    try:
+        return factory(optimizer)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.lr_scheduler: {err}") from None
+
+
 class ARSQModule(L.LightningModule):
     """ARSQ as a LightningModule.
 
@@ -77,6 +85,8 @@ class ARSQModule(L.LightningModule):
             options, e.g. ``soft_alpha`` and ``act_network``, are set in the critic's ``init_args``).
         loss: the loss (default: the critic's own, :class:`ARSQLoss` with no conservative term for ARSQ).
         optimizer: ``params -> optimizer`` (default Adam, lr 3e-4 as official D4RL, fused).
+        lr_scheduler: ``optimizer -> scheduler``, stepped after every update (default none: a constant learning
+            rate), e.g. ``torch.optim.lr_scheduler.MultiStepLR`` with ``milestones [2000], gamma 0.1``.
         tau: Polyak rate of the target networks.
         compile_update: run the loss and its backward through ``torch.compile`` (one graph each, no host sync
             inside; tens of seconds of compilation at the first update; measured speed in docs/usage.md).
@@ -85,7 +95,7 @@ class ARSQModule(L.LightningModule):
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
                  discretizer: DiscretizerFactory = CoarseToFineDiscretizer, head: HeadFactory = AutoregressiveHead,
                  critic: CriticFactory = ARSQCritic, loss: Loss | None = None, optimizer: OptimizerCallable = _adam,
-                 tau: float = 0.005, compile_update: bool = False):
+                 lr_scheduler: LRSchedulerCallable | None = None, tau: float = 0.005, compile_update: bool = False):
         super().__init__()
         if env_spec is None:
             raise ConfigError("model.env_spec is missing: pass the env's sizes (the CLI links them from data)")
@@ -100,8 +110,10 @@ class ARSQModule(L.LightningModule):
         if not isinstance(self.critic, self.loss_fn.critic_type):
             raise ConfigError(f"model.loss {type(self.loss_fn).__name__} trains a {self.loss_fn.critic_type.__name__}, "
                               f"but model.critic is a {type(self.critic).__name__}")
-        build_optimizer(optimizer, [nn.Parameter(torch.zeros(1))])  # bad settings fail now, before a run starts
-        self.optimizer_factory = optimizer
+        probe = build_optimizer(optimizer, [nn.Parameter(torch.zeros(1))])  # bad settings fail now, not mid-run
+        if lr_scheduler is not None:
+            build_scheduler(lr_scheduler, probe)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.tau, self.compile_update = tau, compile_update
         self._eval_rows: list[Tensor] = []  # evaluated episodes of this rank, each [len(EPISODE_FIELDS)]
         self.last_eval_step = -1  # the update after which the latest evaluation ran
@@ -124,8 +136,12 @@ class ARSQModule(L.LightningModule):
         present = {type(callback) for callback in self.trainer.callbacks} if self._trainer is not None else set()
         return [callback for callback in callbacks if type(callback) not in present]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.optimizer_factory, self.critic.online_parameters())
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        optimizer = build_optimizer(self.optimizer_factory, self.critic.online_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = build_scheduler(self.scheduler_factory, optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # a resumed run goes on from the best evaluation so far (eval/normalized_score_max, the end summary)
@@ -147,6 +163,8 @@ class ARSQModule(L.LightningModule):
         if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:  # Lightning's logging steps
             self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=batch.shape[0], prog_bar=False)
             self.log("loss", out["loss"], batch_size=batch.shape[0], prog_bar=True, logger=False)
+            if self.scheduler_factory is not None:
+                self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch.shape[0])
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -122,6 +122,28 @@ def test_an_env_that_does_not_replay_its_episode_starts_the_next_one(monkeypatch
     assert _saved_episode(resumed.trainer.checkpoint_callback.last_model_path)["index"] == index + 1
 
 
+SCHEDULE = ("--model.lr_scheduler.class_path", "torch.optim.lr_scheduler.MultiStepLR",
+            "--model.lr_scheduler.init_args.milestones", "[30]", "--model.lr_scheduler.init_args.gamma", "0.1")
+
+
+def test_resume_before_a_learning_rate_step_continues_bit_identically(monkeypatch, tmp_path):
+    """A learning rate cut tenfold after update 30: a run stopped at 25 resumes with the schedule's state and
+    ends as the run that never stopped, at the cut rate."""
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    config = _config(tmp_path)
+    straight = _fit(config, tmp_path / "straight", *SCHEDULE)
+    assert straight.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-5)
+    client = MlflowClient(straight.trainer.logger._tracking_uri)
+    logged = {m.step: m.value for m in client.get_metric_history(straight.trainer.logger.run_id, "train/lr")}
+    assert logged[29] == pytest.approx(3e-4) and logged[34] == pytest.approx(3e-5)  # the rate of updates 30 and 35
+    first = _fit(config, tmp_path / "split", *SCHEDULE, "--trainer.max_steps", "25")
+    assert first.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-4)
+    resumed = _fit(config, tmp_path / "split", *SCHEDULE, "--ckpt_path",
+                   first.trainer.checkpoint_callback.last_model_path)
+    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-5)
+    _assert_same_state(resumed, straight)
+
+
 NSTEP = ("--data.init_args.n_step", "3", "--data.init_args.max_episode_steps", "8")
 
 
