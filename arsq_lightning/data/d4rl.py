@@ -17,7 +17,7 @@ from tensordict import TensorDict
 
 from arsq_lightning.data.nstep import nstep_transitions
 from arsq_lightning.errors import require
-from arsq_lightning.keys import DEMO, EPISODE, NEXT_REWARD, NEXT_TERMINATED, NEXT_TRUNCATED
+from arsq_lightning.keys import DEMO, EPISODE, NEXT_REWARD, NEXT_SUCCESS, NEXT_TERMINATED, NEXT_TRUNCATED
 
 # D4RL's reference returns (random, expert) used by env.get_normalized_score, per MuJoCo task.
 D4RL_REFERENCE_RETURNS: dict[str, tuple[float, float]] = {
@@ -48,6 +48,16 @@ def episode_returns(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
     rewards = data[NEXT_REWARD].reshape(-1).double()
     totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, rewards)
     return totals[inverse], totals
+
+
+def episode_successes(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sorted unique episode ids ``[E]`` and whether each episode reports success at some row ``[E]`` (bool);
+    ``None`` for data without the env's success flags."""
+    if NEXT_SUCCESS not in data.keys(True):
+        return None
+    ids, inverse = torch.unique(data[EPISODE], return_inverse=True)
+    hits = torch.zeros(len(ids), dtype=torch.long).index_add_(0, inverse, data[NEXT_SUCCESS].reshape(-1).long())
+    return ids, hits > 0
 
 
 def returns_to_go(data: TensorDict, gamma: float) -> torch.Tensor:
@@ -116,6 +126,8 @@ class DemoSplit:
     mean_episode_return: float  # whole dataset, after reward scaling
     max_episode_return: float
     demo_mean_episode_return: float  # episodes that have rows in the demo window: the relabelling threshold
+    success_rate: float | None = None  # share of the episodes that report success at some row (None: no flags)
+    demo_success_rate: float | None = None  # the same over the episodes that have rows in the demo window
 
 
 def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: float = 100.0,
@@ -132,6 +144,7 @@ def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: f
         n_step: with ``n_step > 1`` the rows become n-step rows within their episodes
             (:func:`~arsq_lightning.data.nstep.nstep_transitions`).
     """
+    successes = episode_successes(data)  # before time-outs are dropped: success may come at an episode's last row
     if drop_timeouts:
         data = data[~(data[NEXT_TRUNCATED].reshape(-1) & ~data[NEXT_TERMINATED].reshape(-1))]
     require(data.numel() > 0, "no transition left after dropping time-outs")
@@ -147,7 +160,13 @@ def split_demos(data: TensorDict, *, demo_percentile: float = 0.0, demo_ratio: f
     demo = data[start:stop].clone()
     demo[DEMO] = torch.ones(demo.numel(), dtype=torch.bool)
     data[DEMO] = torch.zeros(data.numel(), dtype=torch.bool)
-    in_window = torch.searchsorted(episode_ids, torch.unique(demo[EPISODE]))
+    demo_ids = torch.unique(demo[EPISODE])
+    in_window = torch.searchsorted(episode_ids, demo_ids)
+    rates = {}
+    if successes is not None:
+        ids, success = successes
+        rates = {"success_rate": float(success.float().mean()),
+                 "demo_success_rate": float(success[torch.searchsorted(ids, demo_ids)].float().mean())}
     return DemoSplit(rl=data, demo=demo, mean_episode_return=float(totals.mean()),
                      max_episode_return=float(totals.max()),
-                     demo_mean_episode_return=float(totals[in_window].mean()))
+                     demo_mean_episode_return=float(totals[in_window].mean()), **rates)

@@ -2,7 +2,8 @@
 
 Readers:
 * :func:`read_d4rl_hdf5`: a file in D4RL's HDF5 layout (``observations``, ``actions``, ``rewards``, ``terminals``,
-  ``timeouts``, optionally ``next_observations``; other groups such as ``infos/*`` and ``metadata/*`` are ignored).
+  ``timeouts``, optionally ``next_observations`` and ``infos/success``, the env's success flag per row, read as
+  ``("next", "success")``; other groups such as ``metadata/*`` are ignored).
   The file is opened read-only. Pixel datasets store ``observations`` and ``next_observations`` as groups with one
   dataset per entry (``observations/pixels`` uint8 ``[T, V, C, H, W]``, ``observations/proprio``), read back as a
   nested ``observation`` TensorDict.
@@ -32,6 +33,7 @@ from arsq_lightning.keys import (
     NEXT,
     NEXT_OBSERVATION,
     NEXT_REWARD,
+    NEXT_SUCCESS,
     NEXT_TERMINATED,
     NEXT_TRUNCATED,
     OBSERVATION,
@@ -41,6 +43,7 @@ from arsq_lightning.keys import (
 )
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals")  # + "timeouts" (v2 files), "next_observations"
+SUCCESS_FLAGS = "infos/success"  # optional: the env's success flag per row
 
 
 def _finite(name: str, array: np.ndarray, source: str) -> None:
@@ -76,7 +79,7 @@ def _load_d4rl_arrays(path: Path, missing_hint: str = "") -> dict[str, np.ndarra
             missing = [k for k in D4RL_KEYS if k not in f]
             if missing:
                 raise ConfigError(f"{source}: missing dataset(s) {missing} (D4RL layout needs {list(D4RL_KEYS)})")
-            keys = [*D4RL_KEYS, *(k for k in ("timeouts", "next_observations") if k in f)]
+            keys = [*D4RL_KEYS, *(k for k in ("timeouts", "next_observations", SUCCESS_FLAGS) if k in f)]
             arrays = {k: _read_entry(f[k]) for k in keys}
     except OSError as err:  # a damaged file: h5py cannot parse it
         raise ConfigError(f"{source}: cannot read the HDF5 file ({err})") from None
@@ -97,7 +100,7 @@ def _checked_arrays(arrays: dict, source: str) -> dict[str, np.ndarray | dict[st
     for name, value in arrays.items():
         for part, array in (value.items() if isinstance(value, dict) else [("", value)]):
             _finite(f"{name}/{part}" if part else name, array, source)
-    for name in ("rewards", "terminals", "timeouts"):
+    for name in ("rewards", "terminals", "timeouts", *([SUCCESS_FLAGS] if SUCCESS_FLAGS in arrays else [])):
         if isinstance(arrays[name], dict) or arrays[name].reshape(len(arrays[name]), -1).shape[1] != 1:
             raise ConfigError(f"{source}: '{name}' must hold one value per row, got shape "
                               f"{getattr(arrays[name], 'shape', 'a group')}")
@@ -158,13 +161,16 @@ def read_d4rl_hdf5(path: str | os.PathLike, *, missing_hint: str = "") -> Tensor
             return TensorDict({k: torch.as_tensor(np.ascontiguousarray(v[keep])) for k, v in x.items()}, [t])
         return col(x)
 
-    return TensorDict({
+    data = TensorDict({
         OBSERVATION: observation_col(obs), ACTION: col(a["actions"].reshape(rows, -1)),
         EPISODE: col(episode, torch.long),
         NEXT: {OBSERVATION: observation_col(next_obs), REWARD: col(a["rewards"].reshape(-1, 1)),
                TERMINATED: col(terminated.reshape(-1, 1), torch.bool),
                TRUNCATED: col(truncated.reshape(-1, 1), torch.bool), DONE: col(ends.reshape(-1, 1), torch.bool)},
     }, batch_size=[t])
+    if SUCCESS_FLAGS in a:  # the env's success flag per row (e.g. arsq-demos' Meta-World files)
+        data[NEXT_SUCCESS] = col(a[SUCCESS_FLAGS].reshape(-1, 1), torch.bool)
+    return data
 
 
 def read_minari(dataset_id: str, *, root: str | os.PathLike | None = None) -> TensorDict:

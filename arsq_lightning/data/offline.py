@@ -109,10 +109,14 @@ class OfflineToOnlineDataModule(OnlineDataModule):
         self.relabelled_episodes = 0
 
     def setup(self, stage: str) -> None:
-        """As :meth:`OnlineDataModule.setup`; also records the reward scale in use (``data/reward_scale``)."""
+        """As :meth:`OnlineDataModule.setup`; also records the reward scale in use (``data/reward_scale``) and, for a
+        file with the env's success flags, the share of successful episodes in the data and in the demo window
+        (``data/success_rate``, ``data/demo_success_rate``: a demo set with failures teaches them too)."""
         super().setup(stage)
         if self.trainer is not None and self.trainer.logger is not None:
-            self.trainer.logger.log_hyperparams({"data/reward_scale": self.reward_scale})
+            params = {"data/reward_scale": self.reward_scale, "data/success_rate": self.split.success_rate,
+                      "data/demo_success_rate": self.split.demo_success_rate}
+            self.trainer.logger.log_hyperparams({k: v for k, v in params.items() if v is not None})
 
     # --- data -----------------------------------------------------------------------------------------------------
     def load_dataset(self) -> TensorDict:

@@ -217,6 +217,29 @@ def test_split_drops_time_out_transitions():
     assert kept.rl.numel() == 5
 
 
+def test_success_flags_are_read_and_the_demo_windows_success_share_reported(tmp_path):
+    """Four episodes of 5 rows ending by time-out, returns 5 / 10 / 15 / 20: the best fails, the second succeeds only
+    at its last row (the time-out row the split drops), the third at a middle row, the worst never."""
+    steps = np.repeat([1.0, 2.0, 3.0, 4.0], 5).astype(np.float32)
+    success = np.zeros(20, bool)
+    success[14] = True  # episode 2 (return 15): its last row
+    success[7] = True  # episode 1 (return 10): a middle row
+    _write_arrays(tmp_path / "flags.hdf5", rewards=steps, timeouts=np.arange(20) % 5 == 4,
+                  next_observations=np.zeros((20, 11), np.float32))
+    with h5py.File(tmp_path / "flags.hdf5", "a") as f:
+        f["infos/success"] = success
+    data = read_d4rl_hdf5(tmp_path / "flags.hdf5")
+    assert data["next", "success"].reshape(-1).tolist() == success.tolist()
+    split = split_demos(data, demo_percentile=100.0, demo_ratio=50.0)  # 16 rows kept, the top 8: episodes 3 and 2
+    assert sorted(set(split.demo["episode"].tolist())) == [2, 3]
+    assert split.success_rate == pytest.approx(2 / 4) and split.demo_success_rate == pytest.approx(1 / 2)
+    wider = split_demos(data, demo_percentile=100.0, demo_ratio=75.0)  # the top 12 rows: episodes 1, 2, 3
+    assert wider.demo_success_rate == pytest.approx(2 / 3)
+    plain = _write_arrays(tmp_path / "plain.hdf5") or read_d4rl_hdf5(tmp_path / "plain.hdf5")
+    assert "success" not in plain["next"].keys()
+    assert split_demos(plain).demo_success_rate is None and split_demos(plain).success_rate is None
+
+
 def test_normalized_score():
     for task, (low, high) in D4RL_REFERENCE_RETURNS.items():
         assert normalized_score(f"{task.capitalize()}-v5", low) == pytest.approx(0.0)

@@ -306,3 +306,8 @@ def test_dense_reward_fit_logs_the_success_rate(monkeypatch, tmp_path):
     scale = cli.datamodule.reward_scale  # the recipe's reward_scale max_reward: 1 / the file's largest |reward|
     largest = float(read_d4rl_hdf5(demos)["next", "reward"].abs().max())
     assert scale == pytest.approx(1 / largest) and float(run.data.params["data/reward_scale"]) == pytest.approx(scale)
+    with h5py.File(demos, "r") as f:  # the file's own per-episode record: the two noisy expert episodes
+        data_success = float(f["metadata/data_success_rate"][()])
+        best = float(f["metadata/episode_success"][int(np.argmax(f["metadata/returns"][:]))])
+    assert float(run.data.params["data/success_rate"]) == pytest.approx(data_success)
+    assert float(run.data.params["data/demo_success_rate"]) == best  # the recipe's top half: the better episode
