@@ -66,7 +66,7 @@ def build_optimizer(factory: OptimizerCallable, params: Iterable[nn.Parameter]) 
 
 
 def build_scheduler(factory: LRSchedulerCallable, optimizer: torch.optim.Optimizer):
-    """``factory(optimizer)``; a bad setting (e.g. a negative ``T_max``) as one line."""
+    """``factory(optimizer)``; a bad setting (e.g. a ``LinearLR`` start factor outside (0, 1]) as one line."""
     try:
         return factory(optimizer)
     except (ValueError, TypeError) as err:
