@@ -42,11 +42,17 @@ def normalized_score(env_id: str, episode_return: float) -> float:
     return (episode_return - low) / (high - low)
 
 
+def episode_sums(data: TensorDict, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of per-row ``values`` ``[T]`` (float64) within each episode: the sorted unique episode ids ``[E]``, their
+    sums ``[E]`` and each row's episode index into them ``[T]``."""
+    ids, inverse = torch.unique(data[EPISODE], return_inverse=True)
+    sums = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, values.reshape(-1).double())
+    return ids, sums, inverse
+
+
 def episode_returns(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row episode return ``[T]`` and the sorted unique episode ids with their returns ``([E], [E])``."""
-    ids, inverse = torch.unique(data[EPISODE], return_inverse=True)
-    rewards = data[NEXT_REWARD].reshape(-1).double()
-    totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, rewards)
+    _, totals, inverse = episode_sums(data, data[NEXT_REWARD])
     return totals[inverse], totals
 
 
@@ -55,8 +61,7 @@ def episode_successes(data: TensorDict) -> tuple[torch.Tensor, torch.Tensor] | N
     ``None`` for data without the env's success flags."""
     if NEXT_SUCCESS not in data.keys(True):
         return None
-    ids, inverse = torch.unique(data[EPISODE], return_inverse=True)
-    hits = torch.zeros(len(ids), dtype=torch.long).index_add_(0, inverse, data[NEXT_SUCCESS].reshape(-1).long())
+    ids, hits, _ = episode_sums(data, data[NEXT_SUCCESS])
     return ids, hits > 0
 
 

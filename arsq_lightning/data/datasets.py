@@ -100,7 +100,7 @@ def _checked_arrays(arrays: dict, source: str) -> dict[str, np.ndarray | dict[st
     for name, value in arrays.items():
         for part, array in (value.items() if isinstance(value, dict) else [("", value)]):
             _finite(f"{name}/{part}" if part else name, array, source)
-    for name in ("rewards", "terminals", "timeouts", *([SUCCESS_FLAGS] if SUCCESS_FLAGS in arrays else [])):
+    for name in [n for n in ("rewards", "terminals", "timeouts", SUCCESS_FLAGS) if n in arrays]:
         if isinstance(arrays[name], dict) or arrays[name].reshape(len(arrays[name]), -1).shape[1] != 1:
             raise ConfigError(f"{source}: '{name}' must hold one value per row, got shape "
                               f"{getattr(arrays[name], 'shape', 'a group')}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -33,10 +34,10 @@ def make_update(module: ARSQModule, batches: list, autocast: Callable, compiled:
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     terms = compiled_loss_terms() if compiled else loss_terms
-    calls = iter(range(1 << 62))
+    cycle = itertools.cycle(batches)
 
     def update() -> None:
-        batch = batches[next(calls) % len(batches)]
+        batch = next(cycle)
         with autocast():
             out = terms(module.loss_fn, module.critic, batch)
         optimizer.zero_grad(set_to_none=True)
