@@ -198,7 +198,7 @@ class OnlineDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.buffer is None:
-            self._build_buffer()
+            self.build_buffers()
         if self._collector is None and self.needs_collector():
             critic = self.trainer.lightning_module.critic
             actor = make_actor(critic, self._acting_generator)
@@ -321,8 +321,10 @@ class OnlineDataModule(L.LightningDataModule):
             storage = LazyTensorStorage(capacity)
         return TensorDictReplayBuffer(storage=storage, batch_size=batch_size, generator=generator)
 
-    def _build_buffer(self) -> None:
-        """Create the buffers, then restore a checkpoint's contents if one was loaded before they existed."""
+    def build_buffers(self) -> None:
+        """Create the replay buffers (an offline-to-online module fills them with the dataset's rows), then restore a
+        checkpoint's contents if one was loaded before they existed. Training calls it; call it yourself to sample
+        batches without a trainer (e.g. ``scripts/analysis/bench_update.py``)."""
         self._create_buffers()
         if self._pending_buffer_state is not None:
             self._restore_buffers(self._pending_buffer_state)

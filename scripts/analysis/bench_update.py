@@ -59,7 +59,7 @@ def main() -> None:
     data = cli.datamodule
     if not isinstance(data, OfflineToOnlineDataModule):
         raise SystemExit("bench_update needs a config with a dataset (data: OfflineToOnlineDataModule)")
-    data._create_buffers()
+    data.build_buffers()
     batches = [data.sample() for _ in range(args.batches)]
     autocast = cli.trainer.precision_plugin.forward_context
     eager, compiled = cli.model, copy.deepcopy(cli.model)

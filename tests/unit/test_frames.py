@@ -139,7 +139,7 @@ def test_collected_pixel_rows_keep_one_frame_per_step_and_survive_a_buffer_save(
     collector.shutdown()
     data = OnlineDataModule("dmc:cheetah-run", env_kwargs=kwargs, max_episode_steps=6, buffer_size=100, batch_size=4)
     data.setup("fit")
-    data._build_buffer()
+    data.build_buffers()
     assert isinstance(data.buffer.storage, FrameStackStorage)
     data.buffer.extend(batch.clone())
     stored = data.buffer.storage[:20]
@@ -171,7 +171,7 @@ def test_collected_pixel_rows_keep_one_frame_per_step_and_survive_a_buffer_save(
 def test_vector_observations_keep_the_plain_storage():
     data = OnlineDataModule("Pendulum-v1", buffer_size=100, batch_size=4)
     data.setup("fit")
-    data._build_buffer()
+    data.build_buffers()
     assert type(data.buffer.storage) is LazyTensorStorage
 
 
@@ -184,7 +184,7 @@ def test_buffer_dir_keeps_buffers_in_memory_mapped_files(tmp_path):
 
     vector = OnlineDataModule("Pendulum-v1", buffer_size=50, batch_size=4, buffer_dir=str(tmp_path / "buffers"))
     vector.setup("fit")
-    vector._build_buffer()
+    vector.build_buffers()
     assert isinstance(vector.buffer.storage, LazyMemmapStorage)
     rows = TensorDict({"observation": torch.randn(10, 3), "action": torch.randn(10, 1)}, [10])
     vector.buffer.extend(rows.clone())
@@ -195,7 +195,7 @@ def test_buffer_dir_keeps_buffers_in_memory_mapped_files(tmp_path):
     pixel = OnlineDataModule("dmc:cheetah-run", env_kwargs=kwargs, buffer_size=60, batch_size=4,
                              buffer_dir=str(tmp_path / "buffers"))
     pixel.setup("fit")
-    pixel._build_buffer()
+    pixel.build_buffers()
     plain = TensorDictReplayBuffer(storage=LazyTensorStorage(60), batch_size=4)
     for seed in range(3):
         episode = _stream(25, 3, seed=seed, views=1)  # the storage keeps whatever frames it is given
