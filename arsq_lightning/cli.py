@@ -178,6 +178,8 @@ class ArsqCLI(LightningCLI):
         model = self.config[self.config.subcommand]["model"] if self.config.get("subcommand") else None
         runtime = {key: model.get(key) for key in RUNTIME_MODEL_OPTIONS} if model is not None else {}
         super()._parse_ckpt_path()
+        if model is not None:  # the checkpoint's env spec came in with its settings; the data module's is linked in at
+            self.config[self.config.subcommand]["model"]["env_spec"] = None  # instantiation (and it does not dump)
         for key, value in runtime.items():  # how to run the model, not what it is: the command line's setting stands
             self.config[self.config.subcommand]["model"][key] = value
 
