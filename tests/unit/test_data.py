@@ -140,7 +140,7 @@ def test_every_rank_saves_and_restores_its_own_buffer_beside_the_checkpoint(tmp_
         restored.trainer = FakeTrainer(global_rank=rank, world_size=2, state=SimpleNamespace(fn="fit"),
                                         ckpt_path=str(tmp_path / "ckpts" / "last.ckpt"))
         restored.load_state_dict(ranks[0][1])  # Lightning gives every rank rank 0's state
-        restored._build_buffer()
+        restored.build_buffers()
         assert (restored._frames_origin, restored._updates_origin) == (0, 0)  # no new warm-up
         filled = len(data.buffer)
         assert len(restored.buffer) == filled

@@ -251,7 +251,7 @@ def test_pixel_demos_feed_the_offline_to_online_buffers_as_uint8(tmp_path):
     data = OfflineToOnlineDataModule("dmc:cheetah-run", dataset=str(tmp_path / "pixels.hdf5"), env_kwargs=kwargs,
                                      max_episode_steps=10, batch_size=8, buffer_size=100, drop_timeouts=False)
     data.setup("fit")
-    data._build_buffer()
+    data.build_buffers()
     batch = data.sample()
     pixels = batch["observation", "pixels"]
     assert pixels.dtype == torch.uint8 and pixels.shape == (8, 1, 6, 24, 24)
