@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -134,14 +136,19 @@ def random_batch(shape: EnvShape, device: torch.device, gen: torch.Generator) ->
 
 
 # --- the two update implementations ----------------------------------------------------------------------------------
-def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batch: TensorDict, *,
-               bf16: bool = False, compiled: bool = False) -> Callable[[], None]:
-    """What Lightning runs per step: the ``training_step`` loss, zero_grad, backward, optimiser step, then the
-    ``on_train_batch_end`` Polyak update. ``bf16``: the loss under bf16 autocast, as ``trainer.precision
-    bf16-mixed`` runs it (fp32 weights and optimiser); ``compiled``: the loss and its backward through
-    ``torch.compile``, as ``model.compile_update`` runs them."""
+def our_update(module: ARSQModule, optimizer: torch.optim.Optimizer, batches: Sequence[TensorDict], *,
+               autocast: Callable[[], AbstractContextManager] = nullcontext,
+               compiled: bool = False) -> Callable[[], None]:
+    """What Lightning runs per step, one call per step on the next of ``batches`` (cycled): the ``training_step``
+    loss, zero_grad, backward, optimiser step, then the ``on_train_batch_end`` Polyak update. ``autocast``: the
+    context the loss runs in (e.g. bf16 autocast, as ``trainer.precision bf16-mixed`` runs it, with fp32 weights and
+    optimiser); ``compiled``: the loss and its backward through ``torch.compile``, as ``model.compile_update`` runs
+    them."""
+    cycle = itertools.cycle(batches)
+
     def step() -> None:
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        batch = next(cycle)
+        with autocast():
             loss = (compiled_loss_terms() if compiled else loss_terms)(module.loss_fn, module.critic, batch)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -299,12 +306,12 @@ def sanity_check(setup: Setup) -> str:
 def bench_updates(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per update (ours, reference) and per plain matmul, all interleaved in one loop; matmul FLOPs."""
     fns: dict[str, Callable[[], object]] = {
-        "ours": our_update(setup.module, setup.module.configure_optimizers(), setup.batch),
-        "ours compiled": our_update(setup.compiled_module, setup.compiled_module.configure_optimizers(), setup.batch,
+        "ours": our_update(setup.module, setup.module.configure_optimizers(), [setup.batch]),
+        "ours compiled": our_update(setup.compiled_module, setup.compiled_module.configure_optimizers(), [setup.batch],
                                     compiled=True)}
     if setup.device.type != "cpu" or cpu_has_native_bf16():  # emulated bf16 is many times slower: not timed
-        fns["ours bf16"] = our_update(setup.bf16_module, setup.bf16_module.configure_optimizers(), setup.batch,
-                                      bf16=True)
+        fns["ours bf16"] = our_update(setup.bf16_module, setup.bf16_module.configure_optimizers(), [setup.batch],
+                                      autocast=partial(torch.autocast, setup.device.type, dtype=torch.bfloat16))
     started = time.perf_counter()
     fns["ours compiled"]()  # compile outside the timed blocks
     print(f"  (compiled update: first call {time.perf_counter() - started:.1f} s)")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import os
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -25,27 +23,14 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from arsq_lightning.cli import build_cli  # noqa: E402
 from arsq_lightning.data.offline import OfflineToOnlineDataModule  # noqa: E402
-from arsq_lightning.module import ARSQModule, compiled_loss_terms, loss_terms  # noqa: E402
-from arsq_lightning.tools.bench import interleaved  # noqa: E402
+from arsq_lightning.module import ARSQModule  # noqa: E402
+from arsq_lightning.tools.bench import interleaved, our_update  # noqa: E402
 
 
-def make_update(module: ARSQModule, batches: list, autocast: Callable, compiled: bool) -> Callable[[], None]:
-    """One optimiser step of ``module`` per call, cycling through ``batches``."""
-    optimizer = module.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    terms = compiled_loss_terms() if compiled else loss_terms
-    cycle = itertools.cycle(batches)
-
-    def update() -> None:
-        batch = next(cycle)
-        with autocast():
-            out = terms(module.loss_fn, module.critic, batch)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        module.critic.polyak(module.tau)
-
-    return update
+def optimizer_of(module: ARSQModule) -> torch.optim.Optimizer:
+    """The module's own optimiser (without its rate schedule: the timed updates do not step it)."""
+    built = module.configure_optimizers()
+    return built["optimizer"] if isinstance(built, dict) else built
 
 
 def main() -> None:
@@ -63,8 +48,8 @@ def main() -> None:
     batches = [data.sample() for _ in range(args.batches)]
     autocast = cli.trainer.precision_plugin.forward_context
     eager, compiled = cli.model, copy.deepcopy(cli.model)
-    fns = {"eager": make_update(eager, batches, autocast, False),
-           "compiled": make_update(compiled, batches, autocast, True)}
+    fns = {"eager": our_update(eager, optimizer_of(eager), batches, autocast=autocast),
+           "compiled": our_update(compiled, optimizer_of(compiled), batches, autocast=autocast, compiled=True)}
     started = time.perf_counter()
     fns["compiled"]()
     print(f"first compiled update (compilation): {time.perf_counter() - started:.1f} s")
