@@ -9,6 +9,7 @@ and optionally ``critic(encoder, discretizer, head)`` (default: ARSQ's :class:`A
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import lightning as L
@@ -57,6 +58,23 @@ def compiled_loss_terms():
     return _COMPILED_LOSS_TERMS
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot build code for ``device`` here (TorchInductor needs a C++ compiler for CPU code
+    and Triton for CUDA code), or ``None`` when it can."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed (TorchInductor needs it for CUDA code)"
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception:  # InvalidCxxCompiler, or a build without inductor's compiler search
+            return "no C++ compiler found (TorchInductor needs g++ or clang++, or $CXX, for CPU code)"
+    return None  # other backends: left to torch.compile
+
+
 def build_optimizer(factory: OptimizerCallable, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """``factory(params)``; torch's own checks of the settings (e.g. "Invalid learning rate: -0.1") as one line."""
     try:
@@ -89,7 +107,8 @@ class ARSQModule(L.LightningModule):
             rate), e.g. ``torch.optim.lr_scheduler.MultiStepLR`` with ``milestones [2000], gamma 0.1``.
         tau: Polyak rate of the target networks.
         compile_update: run the loss and its backward through ``torch.compile`` (one graph each, no host sync
-            inside; tens of seconds of compilation at the first update; measured speed in docs/usage.md).
+            inside; tens of seconds of compilation at the first update; measured speed in docs/usage.md). Where
+            nothing can compile (no C++ compiler for CPU code, no Triton for CUDA) fit warns and runs eagerly.
     """
 
     def __init__(self, env_spec: EnvSpec | None = None, *, encoder: EncoderFactory = FlattenEncoder,
@@ -152,6 +171,12 @@ class ARSQModule(L.LightningModule):
         self.best_eval = checkpoint.get("best_eval")
 
     # --- training -------------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        reason = compile_unavailable(self.device) if self.compile_update else None
+        if reason is not None:  # a recipe that compiles by default still runs where nothing can compile
+            warnings.warn(f"model.compile_update: {reason}; the updates run eagerly (same loss, slower)", stacklevel=2)
+            self.compile_update = False
+
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
         out = (compiled_loss_terms() if self.compile_update else loss_terms)(self.loss_fn, self.critic, batch)
         # One host sync per update: a non-finite term makes the sum non-finite. Stop before the optimiser step, so

@@ -105,3 +105,34 @@ def test_compile_update_trains_through_the_cli_and_may_change_on_resume(monkeypa
     resumed = build_cli([*args, "--trainer.max_steps", "20", "--model.compile_update", "true",
                          "--ckpt_path", first.trainer.checkpoint_callback.last_model_path])
     assert resumed.model.compile_update and resumed.trainer.global_step == 20 and len(calls) == 10
+
+
+def test_compile_unavailable_names_a_missing_cpu_compiler(monkeypatch):
+    """TorchInductor's CPU code needs a C++ compiler: without one (here: $CXX search finds nothing) the reason is
+    one line; with the machine's own it is ``None``."""
+    from torch._inductor import config
+
+    from arsq_lightning.module import compile_unavailable
+
+    cpu = torch.device("cpu")
+    if compile_unavailable(cpu) is not None:
+        pytest.skip("this machine has no C++ compiler for TorchInductor")
+    monkeypatch.setattr(config.cpp, "cxx", ("arsq-no-such-compiler",))
+    reason = compile_unavailable(cpu)
+    assert reason is not None and "C++ compiler" in reason and "\n" not in reason
+
+
+def test_compile_update_falls_back_to_eager_where_nothing_compiles(monkeypatch, tmp_path):
+    """``--model.compile_update true`` on a machine that cannot compile warns once and trains eagerly."""
+    from arsq_lightning import module
+    from arsq_lightning.cli import build_cli
+
+    from helpers import QUICKSTART, TINY, use_tmp_mlflow
+
+    use_tmp_mlflow(monkeypatch, tmp_path)
+    monkeypatch.setattr(module, "compile_unavailable", lambda device: "no C++ compiler found")
+    monkeypatch.setattr(module, "compiled_loss_terms", lambda: pytest.fail("the compiled loss was called"))
+    with pytest.warns(UserWarning, match="compile_update: no C\\+\\+ compiler found; the updates run eagerly"):
+        cli = build_cli(["fit", "--config", str(QUICKSTART), *TINY, "--trainer.max_steps", "5",
+                         "--model.compile_update", "true"])
+    assert cli.trainer.global_step == 5 and not cli.model.compile_update
