@@ -107,7 +107,7 @@ def test_compile_update_trains_through_the_cli_and_may_change_on_resume(monkeypa
     assert resumed.model.compile_update and resumed.trainer.global_step == 20 and len(calls) == 10
 
 
-def test_compile_unavailable_names_a_missing_cpu_compiler(monkeypatch):
+def test_compile_unavailable_names_a_missing_cpu_compiler():
     """TorchInductor's CPU code needs a C++ compiler: without one (here: $CXX search finds nothing) the reason is
     one line; with the machine's own it is ``None``."""
     from torch._inductor import config
@@ -117,8 +117,9 @@ def test_compile_unavailable_names_a_missing_cpu_compiler(monkeypatch):
     cpu = torch.device("cpu")
     if compile_unavailable(cpu) is not None:
         pytest.skip("this machine has no C++ compiler for TorchInductor")
-    monkeypatch.setattr(config.cpp, "cxx", ("arsq-no-such-compiler",))
-    reason = compile_unavailable(cpu)
+    with config.patch({"cpp.cxx": ("arsq-no-such-compiler",)}):  # torch's own patching: restored on exit
+        reason = compile_unavailable(cpu)
+    assert compile_unavailable(cpu) is None
     assert reason is not None and "C++ compiler" in reason and "\n" not in reason
 
 
